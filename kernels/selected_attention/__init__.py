@@ -1,0 +1,48 @@
+"""Selected-block attention: public op with backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import check_cu_seqlens, check_positive, check_qkv, use_triton
+from . import reference
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    select_block_size: int,
+    *,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention restricted to the chosen blocks of size l'.
+
+    q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV], block_indices [B, T, HI, n]
+    (unique per row, -1 = none; document-relative with cu_seqlens) -> o [B, T, HQ, DV].
+    """
+    check_qkv(q, k, v)
+    check_positive("select_block_size", select_block_size)
+    check_cu_seqlens(cu_seqlens, q)
+    if block_indices.dim() != 4 or block_indices.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"block_indices must be [B, T, HI, n] matching q {tuple(q.shape)}, "
+            f"got {tuple(block_indices.shape)}"
+        )
+    if q.shape[2] % block_indices.shape[2]:
+        raise ValueError(
+            f"selection heads ({block_indices.shape[2]}) must divide query heads ({q.shape[2]})"
+        )
+    if block_indices.is_floating_point():
+        raise ValueError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+    if use_triton(backend, q, k, v):
+        raise NotImplementedError(
+            "backend='triton' for selected_attention is not available yet; "
+            "use backend='reference'"
+        )
+    return reference.selected_attention(
+        q, k, v, block_indices, select_block_size, scale, cu_seqlens
+    )

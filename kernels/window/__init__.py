@@ -1,0 +1,33 @@
+"""Sliding-window attention: public op with backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import check_cu_seqlens, check_positive, check_qkv, use_triton
+from . import reference
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    *,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention over the last `window_size` keys (t - w < j <= t).
+
+    q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV] -> o [B, T, HQ, DV].
+    """
+    check_qkv(q, k, v)
+    check_positive("window_size", window_size)
+    check_cu_seqlens(cu_seqlens, q)
+    if use_triton(backend, q, k, v):
+        raise NotImplementedError(
+            "backend='triton' for sliding_window_attention is not available yet; "
+            "use backend='reference'"
+        )
+    return reference.sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)

@@ -1,0 +1,5 @@
+"""megatron_nsa: Alternating Sparse Attention layers for NVIDIA Megatron-Core."""
+
+from .config import ASATransformerConfig
+
+__all__ = ["ASATransformerConfig"]
