@@ -55,9 +55,11 @@ def compressed_attention(
     check_cu_seqlens(cu_seqlens, q)
     check_compressed(q, k_cmp, block_size, stride, cu_seqlens)
     if use_triton(backend, q, k_cmp, v_cmp):
-        raise NotImplementedError(
-            "backend='triton' for compressed_attention is not available yet; "
-            "use backend='reference'"
+        # Imported on use: Triton decides at definition time whether kernels are interpreted.
+        from . import triton_op
+
+        return triton_op.compressed_attention(
+            q, k_cmp, v_cmp, block_size, stride, scale, cu_seqlens
         )
     return reference.compressed_attention(
         q, k_cmp, v_cmp, block_size, stride, scale, cu_seqlens

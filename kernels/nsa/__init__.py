@@ -50,13 +50,13 @@ def nsa_attention(
             )
     if (window_size is None) != (gate_window is None):
         raise ValueError("window_size and gate_window must be given together (or neither)")
-    o_cmp, _ = compressed_attention(
+    o_cmp, lse_cmp = compressed_attention(
         q, k_cmp, v_cmp, block_size, stride, scale=scale, cu_seqlens=cu_seqlens, backend=backend
     )
     indices = select_blocks(
         q, k_cmp, block_size, stride, select_block_size, top_n,
         num_selection_heads=num_selection_heads, selection_query_block=selection_query_block,
-        scale=scale, cu_seqlens=cu_seqlens, backend=backend,
+        scale=scale, cu_seqlens=cu_seqlens, lse=lse_cmp.detach(), backend=backend,
     )
     o_slc = selected_attention(
         q, k, v, indices, select_block_size, scale=scale, cu_seqlens=cu_seqlens, backend=backend

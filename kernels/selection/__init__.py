@@ -46,12 +46,15 @@ def select_blocks(
     selection_query_block: int = 1,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Top-n selection blocks per query and selection head (NSA Eq. 8-11).
 
     q [B, T, HQ, DK], k_cmp [B, N, HK, DK] -> int32 [B, T, HI, n], ascending, -1 padded.
     HI = num_selection_heads (default HK): the query heads of one group share a selection.
+    `lse` [B, T, HQ]: the log-sum-exp returned by `compressed_attention` with the same scale;
+    the Triton backend then skips recomputing it (the reference ignores it). No gradient.
     """
     if q.dim() != 4 or k_cmp.dim() != 4:
         raise ValueError(
@@ -64,11 +67,20 @@ def select_blocks(
     )
     check_cu_seqlens(cu_seqlens, q)
     check_compressed(q, k_cmp, block_size, stride, cu_seqlens)
+    if lse is not None and (lse.shape != q.shape[:3] or not lse.is_floating_point()):
+        raise ValueError(
+            f"lse must be a float tensor of shape [B, T, HQ] = {tuple(q.shape[:3])}, "
+            f"got {lse.dtype} {tuple(lse.shape)}"
+        )
     if use_triton(backend, q, k_cmp):
-        raise NotImplementedError(
-            "backend='triton' for select_blocks is not available yet; use backend='reference'"
+        # Imported on use: Triton decides at definition time whether kernels are interpreted.
+        from . import triton_op
+
+        return triton_op.select_blocks(
+            q, k_cmp, block_size, stride, select_block_size, top_n, num_selection_heads,
+            selection_query_block, scale, cu_seqlens, lse,
         )
     return reference.select_blocks(
         q, k_cmp, block_size, stride, select_block_size, top_n, num_selection_heads,
-        selection_query_block, scale, cu_seqlens,
+        selection_query_block, scale, cu_seqlens, lse,
     )

@@ -71,10 +71,13 @@ def select_blocks(
     selection_query_block: int = 1,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices [B, T, HI, n] (int32) of the selected blocks, ascending, padded with -1.
 
     With packed sequences the indices count blocks from the start of each document.
+    `lse` (compressed attention's log-sum-exp) is accepted for parity with the kernel, which
+    reuses it; the reference recomputes the softmax and ignores it.
     """
     if cu_seqlens is not None:
         cu_cmp = compressed_cu_seqlens(cu_seqlens, block_size, stride)

@@ -26,8 +26,8 @@ def sliding_window_attention(
     check_positive("window_size", window_size)
     check_cu_seqlens(cu_seqlens, q)
     if use_triton(backend, q, k, v):
-        raise NotImplementedError(
-            "backend='triton' for sliding_window_attention is not available yet; "
-            "use backend='reference'"
-        )
+        # Imported on use: Triton decides at definition time whether kernels are interpreted.
+        from . import triton_op
+
+        return triton_op.sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
     return reference.sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
