@@ -29,7 +29,13 @@ def _bad(field: str, value: object, allowed: str) -> ValueError:
 
 @dataclass
 class ASATransformerConfig(MLATransformerConfig):
-    """Configuration of a GPT model with Alternating Sparse Attention layers."""
+    """Configuration of a GPT model with Alternating Sparse Attention layers.
+
+    Set by `__post_init__` whatever was passed: `multi_latent_attention=True` (the ASA layers
+    apply RoPE themselves, so GPTModel must not build a rotary embedding), and
+    `hetereogenous_dist_checkpoint=True` when the layers are of more than one kind (their
+    parameters differ, so checkpoints keep one key per layer instead of stacking layers).
+    """
 
     attention_pattern: str = "LG"
     """Layer kinds repeated across depth by global 1-based layer number n:
@@ -76,8 +82,17 @@ class ASATransformerConfig(MLATransformerConfig):
     rotary_scaling_factor: float = 1.0
     """YaRN scaling factor; 1.0 means no scaling."""
 
+    attention_dropout: float = 0.0
+    """Must stay 0.0: the ASA attention ops have no dropout (Megatron's default is 0.1)."""
+
     def __post_init__(self) -> None:
+        if self.rope_type is None:  # Megatron-LM passes None when --rope-type is not given
+            self.rope_type = "rope"
         self._validate_asa()
+        self.multi_latent_attention = True
+        kinds = {self.layer_kind(n) for n in range(1, self.num_layers + 1)}
+        if len(kinds) > 1:
+            self.hetereogenous_dist_checkpoint = True
         super().__post_init__()
 
     def layer_kind(self, layer_number: int) -> str:
@@ -125,6 +140,11 @@ class ASATransformerConfig(MLATransformerConfig):
             raise _bad("compress_mlp_hidden_size", hidden, "must be None or a positive integer")
         if self.nsa_backend not in NSA_BACKENDS:
             raise _bad("nsa_backend", self.nsa_backend, f"allowed: {', '.join(NSA_BACKENDS)}")
+        if self.attention_dropout:
+            raise _bad(
+                "attention_dropout", self.attention_dropout,
+                "the ASA attention ops have no dropout; set 0.0 (--attention-dropout 0)",
+            )
         self._validate_heads()
 
     def _validate_heads(self) -> None:
@@ -146,6 +166,13 @@ class ASATransformerConfig(MLATransformerConfig):
                 "global_num_latent_heads", latent,
                 f"must be a multiple or a divisor of tensor_model_parallel_size={tp} "
                 "(latent heads are split over TP ranks, or replicated when TP > h_c)",
+            )
+        groups = self.num_query_groups or heads
+        if set(self.attention_pattern) & {"D", "N"} and (heads % groups or groups % tp):
+            raise _bad(
+                "num_query_groups", groups,
+                f"must divide num_attention_heads={heads} and be a multiple of "
+                f"tensor_model_parallel_size={tp} (GQA KV heads of D and N layers)",
             )
         qk_dim = self.qk_head_dim + self.qk_pos_emb_head_dim
         if qk_dim > MAX_HEAD_DIM:

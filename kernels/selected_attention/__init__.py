@@ -39,9 +39,11 @@ def selected_attention(
     if block_indices.is_floating_point():
         raise ValueError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
     if use_triton(backend, q, k, v):
-        raise NotImplementedError(
-            "backend='triton' for selected_attention is not available yet; "
-            "use backend='reference'"
+        # Imported on use: Triton decides at definition time whether kernels are interpreted.
+        from . import triton_op
+
+        return triton_op.selected_attention(
+            q, k, v, block_indices, select_block_size, scale, cu_seqlens
         )
     return reference.selected_attention(
         q, k, v, block_indices, select_block_size, scale, cu_seqlens

@@ -1,0 +1,956 @@
+"""Triton kernels for attention over selected blocks (NSA's selection branch).
+
+Query t of head h attends, causally (key j <= t), to the tokens of the blocks that selection
+head h // (HQ / HI) chose for it, reading KV head h // (HQ / HK). One of HK, HI must divide the
+other; this covers GQA/NSA (HI == HK), un-absorbed GLA (HK == HQ) and latent-absorbed GLA
+(HK == HI). A *unit* is the set of UNIT = HQ / max(HK, HI) consecutive query heads that share
+both their keys and their selection: those heads are the rows of every tl.dot, so no group
+size is too small (rows are padded to 16 by masking when needed).
+
+Forward and dQ: a program owns BLOCK_Q consecutive queries of one unit (BLOCK_Q x UNIT rows)
+and walks the union of their selections, precomputed per query tile with torch ops as the
+ascending distinct blocks plus a bitmask of the tile's queries that chose each one. Every
+block is read once and masked, row by row, to those queries and to keys j <= t; indices that
+are -1, repeated in a row or after the query's own block are dropped, so repeats count once,
+as in the reference. The forward keeps an online softmax in base 2 and saves the
+log-sum-exp; rows that see no key give o = 0 and lse = -inf, never NaN.
+
+dK/dV: an inverse index in CSR form (built with torch ops: for each batch row, owner head and
+key block, the queries that chose the block, in ascending order) lets one program own one key
+block of one KV head and loop over its queries in steps of rows, so no atomics are used and
+every query that picked the block is counted, however many there are. Lists longer than
+`dkv_chunk` (block 0 is chosen by every query) are split over several programs that write
+fp32 partial sums; a second kernel adds them in a fixed order, so results are deterministic.
+
+Head dims up to `TileConfig.head_tile` (after rounding up to a power of two) stay whole in
+registers; wider ones (latent-absorbed 576/512) are reduced in chunks of `head_chunk` and the
+accumulators along them are split over the grid, each program recomputing the scores. Every
+token or row offset is widened to int64 before it is multiplied by a stride.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import softmax_scale
+
+LOG2E = math.log2(math.e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side layout
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch settings; `default_tiles` picks them per device."""
+
+    block_q: int | None = None  # queries per forward/dQ program (<= 31); None: see Problem
+    dkv_rows: int = 64  # (query, head) rows per step of the dK/dV loop
+    dkv_chunk: int | None = None  # queries per dK/dV program; None: balance over the device
+    head_tile: int = 256  # widest (power-of-two) head dim kept whole; wider dims are split
+    head_chunk: int = 64  # reduction chunk of head dims wider than head_tile
+    num_warps: int = 4
+    bwd_warps: int = 4
+    num_stages: int = 2
+
+
+def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) -> TileConfig:
+    """In the CPU interpreter every op costs about the same whatever its size: large query
+    tiles (fewer programs). On a GPU, 32-row dK/dV steps for fp32 or wide heads (registers),
+    64 otherwise."""
+    if device.type != "cuda":
+        return TileConfig(block_q=16, dkv_rows=32, num_stages=1)
+    if dtype == torch.float32:
+        return TileConfig(dkv_rows=32, num_stages=1)
+    if max(dk, dv) > 128:
+        return TileConfig(dkv_rows=32, bwd_warps=8)
+    return TileConfig()
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """How one head dim is covered: reduction chunks for dot products over it, and
+    accumulator tiles for outputs along it."""
+
+    block: int  # reduction chunk width (power of two)
+    chunks: int  # reduction chunks
+    tile: int  # accumulator tile width (power of two)
+    tiles: int  # accumulator tiles
+
+
+def head_split(dim: int, cfg: TileConfig) -> HeadSplit:
+    padded = max(16, triton.next_power_of_2(dim))
+    if padded <= cfg.head_tile:
+        return HeadSplit(padded, 1, padded, 1)
+    return HeadSplit(
+        cfg.head_chunk, triton.cdiv(dim, cfg.head_chunk),
+        cfg.head_tile, triton.cdiv(dim, cfg.head_tile),
+    )
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Query head h reads KV head h // (HQ / HK) and selection head h // (HQ / HI).
+
+    Units (UNIT query heads sharing keys and selection) are numbered u = h // UNIT. The CSR
+    inverse index is kept per *owner* head, the coarser of the two: the selection head when
+    HI <= HK (its KV heads reuse one list) and the KV head when HI > HK (its list entries then
+    also name the selection head inside it, `sel_per_owner` of them).
+    """
+
+    heads: int  # HQ
+    kv_heads: int  # HK
+    sel_heads: int  # HI
+
+    @staticmethod
+    def build(heads: int, kv_heads: int, sel_heads: int) -> HeadLayout:
+        if kv_heads % sel_heads and sel_heads % kv_heads:
+            raise ValueError(
+                f"selected_attention (triton) needs the selection heads ({sel_heads}) and the "
+                f"KV heads ({kv_heads}) to divide one another; use backend='reference'"
+            )
+        return HeadLayout(heads, kv_heads, sel_heads)
+
+    @property
+    def units(self) -> int:
+        return max(self.kv_heads, self.sel_heads)
+
+    @property
+    def unit(self) -> int:
+        return self.heads // self.units
+
+    @property
+    def owners(self) -> int:
+        return min(self.kv_heads, self.sel_heads)
+
+    @property
+    def kv_per_owner(self) -> int:
+        return self.kv_heads // self.owners
+
+    @property
+    def sel_per_owner(self) -> int:
+        return self.sel_heads // self.owners
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """Where the sequences live: B equal rows of T tokens, or documents packed in one row."""
+
+    seq_len: int
+    cu_seqlens: torch.Tensor | None  # int32 [D + 1] on the device
+    lengths: tuple[int, ...]  # tokens per document (one entry, T, without packing)
+
+    @staticmethod
+    def build(seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> SeqLayout:
+        if cu_seqlens is None:
+            return SeqLayout(seq_len, None, (seq_len,))
+        bounds = cu_seqlens.tolist()
+        lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        return SeqLayout(seq_len, cu_seqlens.to(device=device, dtype=torch.int32), lengths)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def tiles(self, size: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+        """(table, count) of the tiles of `size` tokens of every sequence. With packing the
+        int32 table [count, 2] holds (document, tile inside the document); without, tile i
+        of every batch row is program i and there is no table."""
+        if not self.packed:
+            return None, triton.cdiv(self.seq_len, size)
+        per_doc = torch.tensor([triton.cdiv(n, size) for n in self.lengths], device=device)
+        count = int(sum(triton.cdiv(n, size) for n in self.lengths))
+        doc = torch.repeat_interleave(
+            torch.arange(len(self.lengths), device=device), per_doc, output_size=count
+        )
+        first = torch.cumsum(per_doc, 0) - per_doc  # first tile of each document
+        tile = torch.arange(count, device=device) - first[doc]
+        return torch.stack([doc, tile], 1).to(torch.int32), count
+
+    def tile_tokens(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [count, size] (int64, in the batch row) of the tiles of `tiles(size)`, and
+        which of them exist [count, size] (the last tile of a sequence may be short)."""
+        table, count = self.tiles(size, device)
+        offs = torch.arange(size, device=device)
+        if table is None:
+            tokens = torch.arange(count, device=device)[:, None] * size + offs
+            return tokens, tokens < self.seq_len
+        cu = self.cu_seqlens.long()
+        doc, start = table[:, 0].long(), table[:, 1].long()[:, None] * size + offs
+        return cu[doc][:, None] + start, start < (cu[doc + 1] - cu[doc])[:, None]
+
+    def token_blocks(
+        self, size: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(position of each token inside its document [T], global id of its document's
+        block 0 [T], key blocks in all), blocks being `size` tokens of one document."""
+        tokens = torch.arange(self.seq_len, device=device)
+        if not self.packed:
+            return tokens, torch.zeros_like(tokens), triton.cdiv(self.seq_len, size)
+        lengths = torch.tensor(self.lengths, device=device)
+        doc = torch.repeat_interleave(
+            torch.arange(len(self.lengths), device=device), lengths, output_size=self.seq_len
+        )
+        per_doc = torch.div(lengths + size - 1, size, rounding_mode="floor")
+        first_block = torch.cumsum(per_doc, 0) - per_doc
+        starts = self.cu_seqlens.long()[:-1]
+        total = sum(triton.cdiv(n, size) for n in self.lengths)
+        return tokens - starts[doc], first_block[doc], total
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision dots: TF32 would break agreement with the reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+
+
+@triton.jit
+def _tile_start(tiles, cu_seqlens, pid, SIZE: tl.constexpr):
+    """(first token of packed tile `pid` inside its document, document start, its length)."""
+    doc = tl.load(tiles + 2 * pid)
+    start = tl.load(tiles + 2 * pid + 1) * SIZE
+    bos = tl.load(cu_seqlens + doc)
+    return start, bos, tl.load(cu_seqlens + doc + 1) - bos
+
+
+@triton.jit
+def _load_rows(base, rows, rows_ok, cols, D: tl.constexpr, stride_d):
+    """[len(rows), len(cols)] tile; `rows` are int64 offsets already times the row stride."""
+    mask = rows_ok[:, None] & (cols < D)[None, :]
+    return tl.load(base + rows[:, None] + cols[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot_rows(
+    a_base, a_rows, a_ok, stride_a, b_base, b_rows, b_ok, stride_b,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """a @ b^T over a head dim too wide for registers, read in NUM_D chunks: [A, B] fp32."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for c in tl.static_range(NUM_D):
+        cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
+        a = _load_rows(a_base, a_rows, a_ok, cols, D, stride_a)
+        b = _load_rows(b_base, b_rows, b_ok, cols, D, stride_b)
+        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _fwd_kernel(
+    q, k, v, o, lse, union, members, counts, tiles, cu_seqlens,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    seq_len, num_tiles, width, scale_log2,
+    HQ: tl.constexpr, HI: tl.constexpr, UNITS: tl.constexpr, UNIT: tl.constexpr,
+    UNIT_P: tl.constexpr, KV_GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
+    TILE_DV: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """o and lse (base 2) of BLOCK_Q queries x one unit of heads (x one DV tile)."""
+    pid_tile = tl.program_id(0)
+    pid_dv = tl.program_id(2)
+    b = (tl.program_id(1) // UNITS).to(tl.int64)
+    u = tl.program_id(1) % UNITS
+    if PACKED:
+        first, bos, length = _tile_start(tiles, cu_seqlens, pid_tile, BLOCK_Q)
+    else:
+        first, bos, length = pid_tile * BLOCK_Q, 0, seq_len
+    # Row r: query first + r // UNIT_P (inside its sequence) of head u * UNIT + r % UNIT_P.
+    row_q = tl.arange(0, BLOCK_R) // UNIT_P
+    t = first + row_q
+    h = (u * UNIT + tl.arange(0, BLOCK_R) % UNIT_P).to(tl.int64)
+    row_ok = (row_q < BLOCK_Q) & (tl.arange(0, BLOCK_R) % UNIT_P < UNIT) & (t < length)
+    hk = (u * UNIT // KV_GROUP).to(tl.int64)
+    tok = (bos + t).to(tl.int64)  # [BR] token of each row in its batch row
+    sel_row = (b * num_tiles + pid_tile) * HI + u * UNIT // SEL_GROUP
+    union_row = union + sel_row * width
+    member_row = members + sel_row * width
+
+    q_base = q + b * stride_qb
+    k_base = k + b * stride_kb + hk * stride_kh
+    v_base = v + b * stride_vb + hk * stride_vh
+    q_rows = tok * stride_qt + h * stride_qh
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    cols_v = pid_dv * TILE_DV + tl.arange(0, TILE_DV)
+    if NUM_DK == 1:
+        q_tile = _load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, TILE_DV], dtype=tl.float32)
+    for j in range(0, tl.load(counts + sel_row)):
+        block = tl.load(union_row + j)
+        chose = ((tl.load(member_row + j) >> row_q) & 1) != 0  # [BR] rows whose query chose it
+        key = block * BLOCK_SIZE + offs_k  # [BK] positions inside the sequence
+        k_ok = (offs_k < BLOCK_SIZE) & (key < length)
+        k_rows = (bos + key).to(tl.int64) * stride_kt
+        v_rows = (bos + key).to(tl.int64) * stride_vt
+        if NUM_DK == 1:
+            k_tile = tl.load(
+                k_base + k_rows[:, None] + offs_dk[None, :] * stride_kd,
+                mask=k_ok[:, None] & (offs_dk < DK)[None, :], other=0.0,
+            )  # [BK, DK]
+            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+        else:
+            s = _dot_rows(
+                q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
+                DK, BLOCK_DK, NUM_DK, BLOCK_R, BLOCK_K, PRECISION,
+            )
+        visible = (chose & row_ok)[:, None] & k_ok[None, :] & (key[None, :] <= t[:, None])
+        s = tl.where(visible, s * scale_log2, float("-inf"))  # [BR, BK], base-2 units
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_tile = tl.load(
+            v_base + v_rows[:, None] + cols_v[None, :] * stride_vd,
+            mask=k_ok[:, None] & (cols_v < DV)[None, :], other=0.0,
+        )  # [BK, TILE_DV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse_row = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+    if pid_dv == 0:
+        tl.store(lse + (b * seq_len + tok) * HQ + h, lse_row, mask=row_ok)
+    o_rows = b * stride_ob + tok * stride_ot + h * stride_oh
+    o_ptr = o + o_rows[:, None] + cols_v[None, :] * stride_od
+    out = acc / l_safe[:, None]
+    tl.store(o_ptr, out.to(o.dtype.element_ty), mask=row_ok[:, None] & (cols_v < DV)[None, :])
+
+
+@triton.jit
+def _delta_kernel(o, do, delta, num_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 over contiguous [rows, DV] o and dO."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < num_rows
+    rows = r.to(tl.int64) * DV
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, DV, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        o_t = _load_rows(o, rows, r_ok, cols, DV, 1).to(tl.float32)
+        do_t = _load_rows(do, rows, r_ok, cols, DV, 1).to(tl.float32)
+        acc += tl.sum(o_t * do_t, axis=1)
+    tl.store(delta + r, acc, mask=r_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    q, k, v, do, lse, delta, dq, union, members, counts, tiles, cu_seqlens,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    seq_len, num_tiles, width, scale, scale_log2,
+    HQ: tl.constexpr, HI: tl.constexpr, UNITS: tl.constexpr, UNIT: tl.constexpr,
+    UNIT_P: tl.constexpr, KV_GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
+    PACKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of BLOCK_Q queries x one unit of heads (x one DK tile); the `o` strides are dO's."""
+    pid_tile = tl.program_id(0)
+    pid_dk = tl.program_id(2)
+    b = (tl.program_id(1) // UNITS).to(tl.int64)
+    u = tl.program_id(1) % UNITS
+    if PACKED:
+        first, bos, length = _tile_start(tiles, cu_seqlens, pid_tile, BLOCK_Q)
+    else:
+        first, bos, length = pid_tile * BLOCK_Q, 0, seq_len
+    # Row r: query first + r // UNIT_P (inside its sequence) of head u * UNIT + r % UNIT_P.
+    row_q = tl.arange(0, BLOCK_R) // UNIT_P
+    t = first + row_q
+    h = (u * UNIT + tl.arange(0, BLOCK_R) % UNIT_P).to(tl.int64)
+    row_ok = (row_q < BLOCK_Q) & (tl.arange(0, BLOCK_R) % UNIT_P < UNIT) & (t < length)
+    hk = (u * UNIT // KV_GROUP).to(tl.int64)
+    tok = (bos + t).to(tl.int64)
+    sel_row = (b * num_tiles + pid_tile) * HI + u * UNIT // SEL_GROUP
+    union_row = union + sel_row * width
+    member_row = members + sel_row * width
+
+    q_base = q + b * stride_qb
+    do_base = do + b * stride_ob
+    k_base = k + b * stride_kb + hk * stride_kh
+    v_base = v + b * stride_vb + hk * stride_vh
+    q_rows = tok * stride_qt + h * stride_qh
+    do_rows = tok * stride_ot + h * stride_oh
+    row_off = (b * seq_len + tok) * HQ + h
+    lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
+    lse_row = tl.where(lse_row == float("-inf"), 0.0, lse_row)  # such rows see no key
+    delta_row = tl.load(delta + row_off, mask=row_ok, other=0.0)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols_k = pid_dk * TILE_DK + tl.arange(0, TILE_DK)
+    if NUM_DK == 1:
+        q_tile = _load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
+    if NUM_DV == 1:
+        do_tile = _load_rows(do_base, do_rows, row_ok, offs_dv, DV, stride_od)  # [BR, DV]
+
+    acc = tl.zeros([BLOCK_R, TILE_DK], dtype=tl.float32)
+    for j in range(0, tl.load(counts + sel_row)):
+        block = tl.load(union_row + j)
+        chose = ((tl.load(member_row + j) >> row_q) & 1) != 0
+        key = block * BLOCK_SIZE + offs_k
+        k_ok = (offs_k < BLOCK_SIZE) & (key < length)
+        k_rows = (bos + key).to(tl.int64) * stride_kt
+        v_rows = (bos + key).to(tl.int64) * stride_vt
+        k_tile = tl.load(
+            k_base + k_rows[:, None] + cols_k[None, :] * stride_kd,
+            mask=k_ok[:, None] & (cols_k < DK)[None, :], other=0.0,
+        )  # [BK, TILE_DK]: the whole DK when NUM_DK == 1
+        if NUM_DK == 1:
+            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+        else:
+            s = _dot_rows(
+                q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
+                DK, BLOCK_DK, NUM_DK, BLOCK_R, BLOCK_K, PRECISION,
+            )
+        if NUM_DV == 1:
+            v_tile = tl.load(
+                v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd,
+                mask=k_ok[:, None] & (offs_dv < DV)[None, :], other=0.0,
+            )  # [BK, DV]
+            dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
+        else:
+            dp = _dot_rows(
+                do_base, do_rows, row_ok, stride_od, v_base, v_rows, k_ok, stride_vd,
+                DV, BLOCK_DV, NUM_DV, BLOCK_R, BLOCK_K, PRECISION,
+            )
+        visible = (chose & row_ok)[:, None] & k_ok[None, :] & (key[None, :] <= t[:, None])
+        p = tl.where(visible, tl.exp2(s * scale_log2 - lse_row[:, None]), 0.0)  # [BR, BK]
+        ds = p * (dp - delta_row[:, None])
+        acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+
+    dq_ptr = (
+        dq + b * stride_dqb + (tok * stride_dqt + h * stride_dqh)[:, None]
+        + cols_k[None, :] * stride_dqd
+    )
+    mask = row_ok[:, None] & (cols_k < DK)[None, :]
+    tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dkv_kernel(
+    q, k, v, do, lse, delta, dk, dv, part_k, part_v, items, queries, tiles, cu_seqlens,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    stride_pks, stride_pkh, stride_pkt, stride_pkd,
+    stride_pvs, stride_pvh, stride_pvt, stride_pvd,
+    seq_len, num_blocks, scale, scale_log2,
+    HQ: tl.constexpr, OWNERS: tl.constexpr, KV_PER_OWNER: tl.constexpr,
+    SEL_PER_OWNER: tl.constexpr, KV_GROUP: tl.constexpr, UNIT: tl.constexpr,
+    UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, TILE_DV: tl.constexpr,
+    PACKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK/dV of one key block of one KV head (x one accumulator tile) from one piece of the
+    block's query list. Work item: (segment, first entry, end, partial slot or -1); segment =
+    (b * OWNERS + owner) * num_blocks + block. A list entry is token * SEL_PER_OWNER + the
+    selection head inside the owner; each step takes ROWS_Q entries x UNIT heads as rows."""
+    item = items + 4 * tl.program_id(0).to(tl.int64)
+    seg = tl.load(item)
+    lo = tl.load(item + 1)
+    end = tl.load(item + 2)
+    slot = tl.load(item + 3)
+    kv_sub = tl.program_id(1)
+    acc_tile = tl.program_id(2)
+    gid = seg % num_blocks
+    b = seg // num_blocks // OWNERS
+    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
+    if PACKED:
+        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
+    else:
+        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
+
+    offs_k = tl.arange(0, BLOCK_K)
+    key = start + offs_k  # [BK] positions inside the sequence
+    k_ok = (offs_k < BLOCK_SIZE) & (key < length)
+    k_base = k + b * stride_kb + hk * stride_kh
+    v_base = v + b * stride_vb + hk * stride_vh
+    k_rows = (bos + key).to(tl.int64) * stride_kt
+    v_rows = (bos + key).to(tl.int64) * stride_vt
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols_k = acc_tile * TILE_DK + tl.arange(0, TILE_DK)
+    cols_v = acc_tile * TILE_DV + tl.arange(0, TILE_DV)
+    if NUM_DK == 1:
+        k_tile = _load_rows(k_base, k_rows, k_ok, offs_dk, DK, stride_kd)  # [BK, DK]
+    if NUM_DV == 1:
+        v_tile = _load_rows(v_base, v_rows, k_ok, offs_dv, DV, stride_vd)  # [BK, DV]
+
+    r = tl.arange(0, BLOCK_R)
+    g = r % UNIT_P
+    q_base = q + b * stride_qb
+    do_base = do + b * stride_ob
+    dk_acc = tl.zeros([BLOCK_K, TILE_DK], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_K, TILE_DV], dtype=tl.float32)
+    for step in range(lo, end, ROWS_Q):
+        entry = step + r // UNIT_P
+        row_ok = (r // UNIT_P < ROWS_Q) & (g < UNIT) & (entry < end)
+        code = tl.load(queries + entry, mask=row_ok, other=0).to(tl.int64)
+        tok = code // SEL_PER_OWNER  # [BR] token in the batch row
+        h = hk * KV_GROUP + (code % SEL_PER_OWNER) * UNIT + g
+        q_rows = tok * stride_qt + h * stride_qh
+        do_rows = tok * stride_ot + h * stride_oh
+        row_off = (b * seq_len + tok) * HQ + h
+        lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
+        lse_row = tl.where(lse_row == float("-inf"), 0.0, lse_row)
+        delta_row = tl.load(delta + row_off, mask=row_ok, other=0.0)
+        q_t = tl.load(
+            q_base + q_rows[:, None] + cols_k[None, :] * stride_qd,
+            mask=row_ok[:, None] & (cols_k < DK)[None, :], other=0.0,
+        )  # [BR, TILE_DK]: the whole DK when NUM_DK == 1
+        do_t = tl.load(
+            do_base + do_rows[:, None] + cols_v[None, :] * stride_od,
+            mask=row_ok[:, None] & (cols_v < DV)[None, :], other=0.0,
+        )  # [BR, TILE_DV]
+        if NUM_DK == 1:
+            s = tl.dot(k_tile, tl.trans(q_t), input_precision=PRECISION)  # [BK, BR]
+        else:
+            s = _dot_rows(
+                k_base, k_rows, k_ok, stride_kd, q_base, q_rows, row_ok, stride_qd,
+                DK, BLOCK_DK, NUM_DK, BLOCK_K, BLOCK_R, PRECISION,
+            )
+        if NUM_DV == 1:
+            dp = tl.dot(v_tile, tl.trans(do_t), input_precision=PRECISION)  # [BK, BR]
+        else:
+            dp = _dot_rows(
+                v_base, v_rows, k_ok, stride_vd, do_base, do_rows, row_ok, stride_od,
+                DV, BLOCK_DV, NUM_DV, BLOCK_K, BLOCK_R, PRECISION,
+            )
+        visible = k_ok[:, None] & row_ok[None, :] & (key[:, None] <= (tok - bos)[None, :])
+        p = tl.where(visible, tl.exp2(s * scale_log2 - lse_row[None, :]), 0.0)  # [BK, BR]
+        dv_acc += tl.dot(p.to(do_t.dtype), do_t, input_precision=PRECISION)
+        ds = p * (dp - delta_row[None, :])
+        dk_acc += tl.dot(ds.to(q_t.dtype), q_t, input_precision=PRECISION)
+
+    # The whole list: the gradient itself. A piece of it: an fp32 partial sum in `slot`.
+    mask_k = k_ok[:, None] & (cols_k < DK)[None, :]
+    mask_v = k_ok[:, None] & (cols_v < DV)[None, :]
+    dk_acc = dk_acc * scale
+    if slot < 0:
+        tok_k = (bos + key).to(tl.int64)
+        dk_ptr = dk + b * stride_dkb + hk * stride_dkh + tok_k[:, None] * stride_dkt
+        dv_ptr = dv + b * stride_dvb + hk * stride_dvh + tok_k[:, None] * stride_dvt
+        tl.store(dk_ptr + cols_k[None, :] * stride_dkd, dk_acc.to(dk.dtype.element_ty),
+                 mask=mask_k)
+        tl.store(dv_ptr + cols_v[None, :] * stride_dvd, dv_acc.to(dv.dtype.element_ty),
+                 mask=mask_v)
+    else:
+        pk_ptr = part_k + slot * stride_pks + kv_sub * stride_pkh + offs_k[:, None] * stride_pkt
+        pv_ptr = part_v + slot * stride_pvs + kv_sub * stride_pvh + offs_k[:, None] * stride_pvt
+        tl.store(pk_ptr + cols_k[None, :] * stride_pkd, dk_acc, mask=mask_k)
+        tl.store(pv_ptr + cols_v[None, :] * stride_pvd, dv_acc, mask=mask_v)
+
+
+@triton.jit
+def _sum_parts(
+    part, out, slot_lo, slot_hi, kv_sub, key_ok, out_rows, stride_ps, stride_ph, stride_pt,
+    stride_pd, stride_od, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[rows] = sum over slots [slot_lo, slot_hi) of part[slot, kv_sub], in slot order."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for c in tl.static_range(0, D, BLOCK_D):
+        cols = c + tl.arange(0, BLOCK_D)
+        mask = key_ok[:, None] & (cols < D)[None, :]
+        ptr = part + kv_sub * stride_ph + offs_k[:, None] * stride_pt + cols[None, :] * stride_pd
+        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        for s in range(slot_lo, slot_hi):
+            acc += tl.load(ptr + s * stride_ps, mask=mask, other=0.0)
+        tl.store(out + out_rows[:, None] + cols[None, :] * stride_od,
+                 acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dkv_reduce_kernel(
+    part_k, part_v, dk, dv, splits, tiles, cu_seqlens,
+    stride_pks, stride_pkh, stride_pkt, stride_pkd,
+    stride_pvs, stride_pvh, stride_pvt, stride_pvd,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    seq_len, num_blocks,
+    OWNERS: tl.constexpr, KV_PER_OWNER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    """dK/dV of a key block whose query list was split: (segment, first slot, end slot)."""
+    split = splits + 3 * tl.program_id(0).to(tl.int64)
+    seg = tl.load(split)
+    slot_lo = tl.load(split + 1)
+    slot_hi = tl.load(split + 2)
+    kv_sub = tl.program_id(1)
+    gid = seg % num_blocks
+    b = seg // num_blocks // OWNERS
+    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
+    if PACKED:
+        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
+    else:
+        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
+    offs_k = tl.arange(0, BLOCK_K)
+    key = start + offs_k
+    key_ok = (offs_k < BLOCK_SIZE) & (key < length)
+    tok = (bos + key).to(tl.int64)
+    _sum_parts(
+        part_k, dk + b * stride_dkb + hk * stride_dkh, slot_lo, slot_hi, kv_sub, key_ok,
+        tok * stride_dkt, stride_pks, stride_pkh, stride_pkt, stride_pkd, stride_dkd,
+        DK, BLOCK_K, BLOCK_D,
+    )
+    _sum_parts(
+        part_v, dv + b * stride_dvb + hk * stride_dvh, slot_lo, slot_hi, kv_sub, key_ok,
+        tok * stride_dvt, stride_pvs, stride_pvh, stride_pvt, stride_pvd, stride_dvd,
+        DV, BLOCK_K, BLOCK_D,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Inverse index and work split (torch ops)
+
+
+def usable_indices(
+    block_indices: torch.Tensor, block_size: int, layout: SeqLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Each row's indices sorted [B, T, HI, n] (int64) and which of them count: not -1, not a
+    repeat, not after the query's own block (such a block has no key j <= t). Also the global
+    id of each token's document's block 0 [T] and the number of key blocks in all."""
+    t_rel, first_block, num_blocks = layout.token_blocks(block_size, block_indices.device)
+    idx = block_indices.long().sort(dim=-1).values
+    valid = (idx >= 0) & (idx <= (t_rel // block_size)[None, :, None, None])
+    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
+    return idx, valid, first_block, num_blocks
+
+
+def tile_unions(
+    block_indices: torch.Tensor, block_size: int, block_q: int, layout: SeqLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks that the queries of each tile of `block_q` tokens chose, for the forward
+    and dQ loops.
+
+    Returns union int32 [B, NT, HI, W] (distinct blocks, ascending, first `count` valid),
+    members int32 [B, NT, HI, W] (bit i set when the tile's query i chose the block) and
+    counts int32 [B, NT, HI], with W = block_q * n and tiles as in `layout.tiles(block_q)`.
+    """
+    idx, valid, _, _ = usable_indices(block_indices, block_size, layout)
+    batch, _, sel_heads, n = idx.shape
+    tokens, exists = layout.tile_tokens(block_q, idx.device)  # [NT, Q]
+    tokens = tokens.clamp(max=max(layout.seq_len - 1, 0))
+    num_tiles = tokens.shape[0]
+    keep = valid[:, tokens] & exists[None, :, :, None, None]  # [B, NT, Q, HI, n]
+    absent = torch.iinfo(torch.int32).max  # sorts after every block
+    blocks = torch.where(keep, idx[:, tokens], absent)
+    bits = torch.where(keep, 1 << torch.arange(block_q, device=idx.device)[:, None, None], 0)
+    shape = (batch, num_tiles, sel_heads, block_q * n)
+    blocks = blocks.permute(0, 1, 3, 2, 4).reshape(shape)
+    bits = bits.permute(0, 1, 3, 2, 4).reshape(shape)
+    blocks, order = blocks.sort(dim=-1)
+    bits = bits.gather(-1, order)
+    first = torch.ones_like(blocks, dtype=torch.bool)
+    first[..., 1:] = blocks[..., 1:] != blocks[..., :-1]
+    run = torch.cumsum(first, -1) - 1  # distinct block number of each entry
+    union = torch.zeros_like(blocks).scatter_(-1, run, blocks)
+    members = torch.zeros_like(bits).scatter_add_(-1, run, bits)  # a query chose it once
+    counts = (first & (blocks != absent)).sum(-1)
+    return union.to(torch.int32), members.to(torch.int32), counts.to(torch.int32)
+
+
+def inverse_index(
+    block_indices: torch.Tensor,
+    block_size: int,
+    heads: HeadLayout,
+    layout: SeqLayout,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """CSR of the queries that chose each key block.
+
+    block_indices [B, T, HI, n] -> (offsets int64 [B * owners * num_blocks + 1], entries
+    [E] (token * sel_per_owner + selection head inside the owner; int32 when it fits),
+    num_blocks). Segment (b * owners + owner) * num_blocks + block lists its entries in
+    ascending order; only `usable_indices` count, blocks numbered globally over the packed
+    documents.
+    """
+    batch, seqlen, sel_heads, _ = block_indices.shape
+    device = block_indices.device
+    idx, valid, first_block, num_blocks = usable_indices(block_indices, block_size, layout)
+    spo = heads.sel_per_owner
+    sel = torch.arange(sel_heads, device=device)
+    owner = (torch.arange(batch, device=device)[:, None] * heads.owners + sel // spo)
+    segment = (owner[:, None, :, None] * num_blocks + first_block[None, :, None, None] + idx)
+    entry = torch.arange(seqlen, device=device)[:, None] * spo + sel % spo  # [T, HI]
+    segment = segment[valid]
+    entry = entry[None, :, :, None].expand_as(valid)[valid]
+    segment, order = torch.sort(segment, stable=True)
+    entry_dtype = torch.int32 if seqlen * spo < 2**31 else torch.int64
+    entries = entry[order].to(entry_dtype)
+    num_segments = batch * heads.owners * num_blocks
+    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(torch.bincount(segment, minlength=num_segments), 0)
+    return offsets, entries, num_blocks
+
+
+def split_work(
+    offsets: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Cut every segment's list into pieces of at most `chunk` entries (one piece, possibly
+    empty, for short lists). Returns items int64 [I, 4] (segment, first entry, end, partial
+    slot or -1 when the piece is the whole list), splits int64 [S, 3] (segment, first slot,
+    end slot) for the segments cut in several pieces, and the number of slots."""
+    device = offsets.device
+    counts = offsets[1:] - offsets[:-1]
+    pieces = torch.clamp(torch.div(counts + chunk - 1, chunk, rounding_mode="floor"), min=1)
+    num_items = int(pieces.sum())
+    seg = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=device), pieces, output_size=num_items
+    )
+    first_item = torch.cumsum(pieces, 0) - pieces
+    lo = offsets[seg] + (torch.arange(num_items, device=device) - first_item[seg]) * chunk
+    end = torch.minimum(lo + chunk, offsets[seg + 1])
+    is_part = pieces[seg] > 1
+    slot = torch.cumsum(is_part.long(), 0) - 1
+    items = torch.stack([seg, lo, end, torch.where(is_part, slot, -1)], 1).contiguous()
+    cut = torch.nonzero(pieces > 1).flatten()
+    slot_lo = slot[first_item[cut]]
+    splits = torch.stack([cut, slot_lo, slot_lo + pieces[cut]], 1).contiguous()
+    return items, splits, int(is_part.sum())
+
+
+def dkv_chunk(cfg: TileConfig, entries: int, programs_per_item: int, device: torch.device) -> int:
+    """Longest query list one dK/dV program takes: about two waves of equal work on the
+    device, never under 1024 entries (short lists are not worth a reduction)."""
+    if cfg.dkv_chunk is not None:
+        return cfg.dkv_chunk
+    sms = 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1024, triton.cdiv(entries * programs_per_item, 2 * sms))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything about one call that is not a tensor."""
+
+    block_size: int  # l'
+    scale: float
+    heads: HeadLayout
+    layout: SeqLayout
+    cfg: TileConfig
+
+    @property
+    def unit_p(self) -> int:
+        return triton.next_power_of_2(self.heads.unit)
+
+    @property
+    def block_q(self) -> int:
+        """Queries per forward/dQ program: given, or enough to fill 16 rows (at most 4, so
+        that tiles whose queries chose different blocks stay cheap)."""
+        return self.cfg.block_q or min(4, max(1, 16 // self.unit_p))
+
+    def unit_constants(self) -> dict[str, int]:
+        """Row layout shared by the forward and dQ kernels."""
+        heads = self.heads
+        return dict(
+            HQ=heads.heads, HI=heads.sel_heads, UNITS=heads.units, UNIT=heads.unit,
+            UNIT_P=self.unit_p, KV_GROUP=heads.heads // heads.kv_heads,
+            SEL_GROUP=heads.heads // heads.sel_heads, BLOCK_SIZE=self.block_size,
+            BLOCK_Q=self.block_q,
+            BLOCK_R=max(16, triton.next_power_of_2(self.block_q * self.unit_p)),
+            BLOCK_K=max(16, triton.next_power_of_2(self.block_size)),
+        )
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    unions: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    prob: Problem,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, HQ, DV], lse [B, T, HQ] fp32 in base 2, -inf on rows that see no key);
+    `unions` is `tile_unions(...)` for prob.block_q."""
+    batch, seqlen, heads, dk = q.shape
+    dv = v.shape[-1]
+    o = q.new_empty(batch, seqlen, heads, dv)
+    lse = torch.empty(batch, seqlen, heads, dtype=torch.float32, device=q.device)
+    tiles, n_tiles = prob.layout.tiles(prob.block_q, q.device)
+    if n_tiles == 0 or batch == 0:
+        return o, lse
+    union, members, counts = unions
+    ksplit, vsplit = head_split(dk, prob.cfg), head_split(dv, prob.cfg)
+    _fwd_kernel[(n_tiles, batch * prob.heads.units, vsplit.tiles)](
+        q, k, v, o, lse, union, members, counts, tiles, prob.layout.cu_seqlens,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        seqlen, n_tiles, union.shape[-1], prob.scale * LOG2E,
+        DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, TILE_DV=vsplit.tile,
+        PACKED=prob.layout.packed, PRECISION=dot_precision(q.dtype),
+        num_warps=prob.cfg.num_warps, num_stages=prob.cfg.num_stages,
+        **prob.unit_constants(),
+    )
+    return o, lse
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    block_indices: torch.Tensor,
+    unions: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    prob: Problem,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): delta, then dQ per query tile, then dK/dV per key block."""
+    batch, seqlen, heads, dk = q.shape
+    dv = v.shape[-1]
+    cfg, heads_layout, layout = prob.cfg, prob.heads, prob.layout
+    do = do.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk_out = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv_out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if batch * seqlen == 0:
+        return dq, dk_out, dv_out
+    ksplit, vsplit = head_split(dk, cfg), head_split(dv, cfg)
+    precision = dot_precision(q.dtype)
+
+    delta = torch.empty_like(lse)  # [B, T, HQ] fp32
+    rows, block_r = batch * seqlen * heads, 64
+    _delta_kernel[(triton.cdiv(rows, block_r),)](
+        o, do, delta, rows, DV=dv, BLOCK_R=block_r, BLOCK_D=min(vsplit.tile, 128),
+    )
+
+    common = dict(
+        DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks,
+        BLOCK_DV=vsplit.block, NUM_DV=vsplit.chunks, PACKED=layout.packed, PRECISION=precision,
+        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
+    )
+    union, members, counts = unions
+    tiles, n_tiles = layout.tiles(prob.block_q, q.device)
+    _dq_kernel[(n_tiles, batch * heads_layout.units, ksplit.tiles)](
+        q, k, v, do, lse, delta, dq, union, members, counts, tiles, layout.cu_seqlens,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        seqlen, n_tiles, union.shape[-1], prob.scale, prob.scale * LOG2E,
+        TILE_DK=ksplit.tile, **prob.unit_constants(), **common,
+    )
+
+    offsets, entries, num_blocks = inverse_index(
+        block_indices, prob.block_size, heads_layout, layout
+    )
+    acc_tiles = max(ksplit.tiles, vsplit.tiles)
+    chunk = dkv_chunk(cfg, entries.numel(), heads_layout.kv_per_owner * acc_tiles, q.device)
+    items, splits, num_slots = split_work(offsets, chunk)
+    part_shape = (max(num_slots, 1), heads_layout.kv_per_owner, prob.block_size)
+    part_k = torch.empty(*part_shape, dk, dtype=torch.float32, device=q.device)
+    part_v = torch.empty(*part_shape, dv, dtype=torch.float32, device=q.device)
+    block_table, _ = layout.tiles(prob.block_size, q.device)
+    rows_q = max(1, cfg.dkv_rows // prob.unit_p)
+    block_k = max(16, triton.next_power_of_2(prob.block_size))
+    _dkv_kernel[(items.shape[0], heads_layout.kv_per_owner, acc_tiles)](
+        q, k, v, do, lse, delta, dk_out, dv_out, part_k, part_v, items, entries,
+        block_table, layout.cu_seqlens,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
+        *dv_out.stride(), *part_k.stride(), *part_v.stride(),
+        seqlen, num_blocks, prob.scale, prob.scale * LOG2E,
+        HQ=heads, OWNERS=heads_layout.owners, KV_PER_OWNER=heads_layout.kv_per_owner,
+        SEL_PER_OWNER=heads_layout.sel_per_owner, KV_GROUP=heads // heads_layout.kv_heads,
+        UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size,
+        ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
+        BLOCK_K=block_k,
+        TILE_DK=ksplit.tile, TILE_DV=vsplit.tile, **common,
+    )
+    if splits.shape[0]:
+        _dkv_reduce_kernel[(splits.shape[0], heads_layout.kv_per_owner)](
+            part_k, part_v, dk_out, dv_out, splits, block_table, layout.cu_seqlens,
+            *part_k.stride(), *part_v.stride(), *dk_out.stride(), *dv_out.stride(),
+            seqlen, num_blocks,
+            OWNERS=heads_layout.owners, KV_PER_OWNER=heads_layout.kv_per_owner,
+            BLOCK_SIZE=prob.block_size, DK=dk, DV=dv, BLOCK_K=block_k,
+            BLOCK_D=min(64, max(ksplit.tile, vsplit.tile)),
+            PACKED=layout.packed, num_warps=cfg.num_warps,
+        )
+    return dq, dk_out, dv_out
+
+
+class SelectedAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: the forward saves the log-sum-exp (so the backward recomputes P) and
+    the query tiles' block unions (shared by the forward and dQ)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, prob):
+        unions = tile_unions(block_indices, prob.block_size, prob.block_q, prob.layout)
+        o, lse = attention_forward(q, k, v, unions, prob)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices, *unions)
+        ctx.prob = prob
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, block_indices, *unions = ctx.saved_tensors
+        dq, dk, dv = attention_backward(
+            do, q, k, v, o, lse, block_indices, tuple(unions), ctx.prob
+        )
+        return dq, dk, dv, None, None
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    select_block_size: int,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.selected_attention`, on the Triton kernels.
+
+    q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV], block_indices [B, T, HI, n]
+    (-1 = none; document-relative with cu_seqlens) -> o [B, T, HQ, DV], 0 on rows whose
+    selection holds no key j <= t. Inputs are assumed checked by the public op; HK and HI
+    must divide one another. `tiles` overrides the tile sizes (see `default_tiles`).
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"selected_attention (triton) does not support dtype {q.dtype}")
+    heads = HeadLayout.build(q.shape[2], k.shape[2], block_indices.shape[2])
+    if tiles is not None and tiles.block_q is not None and not 1 <= tiles.block_q <= 31:
+        raise ValueError(f"block_q={tiles.block_q} must be in [1, 31] (an int32 query bitmask)")
+    prob = Problem(
+        block_size=select_block_size,
+        scale=softmax_scale(scale, q.shape[-1]),
+        heads=heads,
+        layout=SeqLayout.build(q.shape[1], cu_seqlens, q.device),
+        cfg=tiles or default_tiles(q.device, q.dtype, q.shape[-1], v.shape[-1]),
+    )
+    return SelectedAttentionFunction.apply(q, k, v, block_indices.to(q.device), prob)

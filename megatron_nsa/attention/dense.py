@@ -1,0 +1,137 @@
+"""Dense ("D") layers: full causal attention with GQA and RoPE, the baseline.
+
+Also holds the GQA query/key/value projection that the classic NSA layers share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..config import ASATransformerConfig
+from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens
+from .rope import Rotary, default_softmax_scale
+
+
+class GQAProjectionMixin:
+    """linear_qkv: column-parallel hidden -> (H + 2 G) * d, grouped per KV head as
+    [H/G query heads, key, value] so that a TP split keeps groups whole."""
+
+    def build_qkv(self: ASASelfAttention, spec: ModuleSpec | type) -> None:
+        config = self.config
+        self.head_dim = config.kv_channels
+        self.num_groups = config.num_query_groups
+        tp_size = self.tp_group.size()
+        if self.num_groups % tp_size:
+            raise ValueError(
+                f"num_query_groups={self.num_groups} must be a multiple of the tensor parallel "
+                f"size {tp_size}"
+            )
+        self.local_groups = self.num_groups // tp_size
+        heads = config.num_attention_heads
+        self.linear_qkv = self.column_parallel(
+            spec, config.hidden_size, (heads + 2 * self.num_groups) * self.head_dim, "qkv"
+        )
+        rotary_dim = int(self.head_dim * config.rotary_percent)
+        self.rotary = Rotary(config, rotary_dim, self.pg_collection.cp)
+
+    def qkv(
+        self: ASASelfAttention, hidden_states: torch.Tensor, tokens: TokenLayout
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [s(/TP), b, h] -> q [s, b, H_local, d], k, v [s, b, G_local, d]."""
+        qkv, _ = self.linear_qkv(hidden_states)
+        per_group = self.heads.local_heads // self.local_groups
+        qkv = qkv.view(*qkv.shape[:2], self.local_groups, per_group + 2, self.head_dim)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(*q.shape[:2], -1, self.head_dim)
+        cos, sin = self.rotary.cos_sin(tokens.positions, tokens.length)
+        return Rotary.rotate(q, cos, sin), Rotary.rotate(k.squeeze(3), cos, sin), v.squeeze(3)
+
+
+@dataclass
+class DenseSelfAttentionSubmodules:
+    """Submodules of `DenseSelfAttention`."""
+
+    linear_qkv: ModuleSpec | type | None = None
+    """Column-parallel GQA projection (see GQAProjectionMixin)."""
+
+    core_attention: ModuleSpec | type | None = None
+    """Causal core attention (`DenseCoreAttention`)."""
+
+    linear_proj: ModuleSpec | type | None = None
+    """Row-parallel heads * d -> hidden."""
+
+
+class DenseSelfAttention(GQAProjectionMixin, ASASelfAttention):
+    """Full causal GQA attention with RoPE; [s(/TP), b, h] -> ([s(/TP), b, h], bias)."""
+
+    def __init__(
+        self,
+        config: ASATransformerConfig,
+        submodules: DenseSelfAttentionSubmodules,
+        layer_number: int,
+        **kwargs,
+    ) -> None:
+        """kwargs: Megatron's attention arguments (attn_mask_type, pg_collection, ...)."""
+        super().__init__(config, layer_number, **kwargs)
+        self.build_qkv(submodules.linear_qkv)
+        self.core_attention = self.build_core_attention(
+            submodules.core_attention,
+            default_softmax_scale(config, self.head_dim),
+            self.head_dim,
+            self.head_dim,
+        )
+        self.build_output_projection(
+            submodules.linear_proj, config.num_attention_heads * self.head_dim
+        )
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        tokens: TokenLayout,
+        packed_seq_params: PackedSeqParams | None,
+    ) -> torch.Tensor:
+        query, key, value = self.qkv(hidden_states, tokens)
+        return self.run_core(query, key, value, packed_seq_params)
+
+
+class DenseCoreAttention(ASACoreAttention):
+    """Causal softmax attention through torch's scaled_dot_product_attention."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """query [s, b, H, d], key, value [s, b, G, d] -> [s, b, H * d]."""
+        heads = query.shape[2]
+        # [s, b, heads, d] -> [b, heads, s, d], with KV heads repeated for their query groups.
+        q = query.permute(1, 2, 0, 3)
+        k = key.repeat_interleave(heads // key.shape[2], dim=2).permute(1, 2, 0, 3)
+        v = value.repeat_interleave(heads // value.shape[2], dim=2).permute(1, 2, 0, 3)
+        cu_seqlens = packed_cu_seqlens(packed_seq_params)
+        if cu_seqlens is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            bounds = cu_seqlens.tolist()
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                        scale=self.softmax_scale,
+                    )
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+                    if b > a
+                ],
+                dim=2,
+            )
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)

@@ -1,0 +1,134 @@
+"""Classic NSA ("N") layers, the baseline of the NSA paper: three gated branches over GQA K/V.
+
+o = g_cmp o_cmp + g_slc o_slc + g_win o_win, where the compression branch attends to
+per-KV-head compressed keys and values (one compressor for K, one for V, applied to
+RoPE-rotated keys), the selection branch to the top-n blocks chosen by the compressed
+scores (shared by the query heads of a KV head), and the window branch to the last
+config.sliding_window_size tokens. [g_cmp, g_slc, g_win] = sigmoid(W_g x) per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nsa_kernels
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from ..config import ASATransformerConfig
+from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
+from .dense import GQAProjectionMixin
+from .rope import default_softmax_scale
+
+
+@dataclass
+class NSASelfAttentionSubmodules:
+    """Submodules of `NSASelfAttention`."""
+
+    linear_qkv: ModuleSpec | type | None = None
+    """Column-parallel GQA projection (see GQAProjectionMixin)."""
+
+    linear_gate: ModuleSpec | type | None = None
+    """Column-parallel hidden -> heads * 3, the three branch gates."""
+
+    core_attention: ModuleSpec | type | None = None
+    """Three-branch core attention (`NSACoreAttention`)."""
+
+    linear_proj: ModuleSpec | type | None = None
+    """Row-parallel heads * d -> hidden."""
+
+
+class NSASelfAttention(GQAProjectionMixin, ASASelfAttention):
+    """Classic NSA over GQA; [s(/TP), b, h] -> ([s(/TP), b, h], bias)."""
+
+    def __init__(
+        self,
+        config: ASATransformerConfig,
+        submodules: NSASelfAttentionSubmodules,
+        layer_number: int,
+        **kwargs,
+    ) -> None:
+        """kwargs: Megatron's attention arguments (attn_mask_type, pg_collection, ...)."""
+        super().__init__(config, layer_number, **kwargs)
+        self.build_qkv(submodules.linear_qkv)
+        self.linear_gate = self.column_parallel(
+            submodules.linear_gate, config.hidden_size, config.num_attention_heads * 3, "gate",
+            bias=True,
+        )
+        self.core_attention = self.build_core_attention(
+            submodules.core_attention,
+            default_softmax_scale(config, self.head_dim),
+            self.head_dim,
+            self.head_dim,
+        )
+        self.build_output_projection(
+            submodules.linear_proj, config.num_attention_heads * self.head_dim
+        )
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        tokens: TokenLayout,
+        packed_seq_params: PackedSeqParams | None,
+    ) -> torch.Tensor:
+        query, key, value = self.qkv(hidden_states, tokens)
+        gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 3]
+        gates = torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 3)
+        return self.run_core(query, key, value, packed_seq_params, gates)
+
+
+@dataclass
+class NSACoreAttentionSubmodules:
+    """Submodules of `NSACoreAttention`."""
+
+    compressor: ModuleSpec | type | None = None
+    """Block compressor, built twice: for keys and for values (per KV head)."""
+
+
+class NSACoreAttention(ASACoreAttention):
+    """Compression + selection + sliding window over GQA K/V (nsa_kernels.nsa_attention)."""
+
+    def __init__(self, *args, submodules: NSACoreAttentionSubmodules, **kwargs) -> None:
+        """args, kwargs: Megatron's CoreAttention arguments (see ASACoreAttention)."""
+        super().__init__(*args, **kwargs)
+        config = self.config
+        self.kv_heads = tp_partition(config.num_query_groups, self.tp_group, "num_query_groups")
+        head_dim = self.k_channels
+        self.compress_k = build_module(
+            submodules.compressor, config=config, head_dim=head_dim, partition=self.kv_heads
+        )
+        self.compress_v = build_module(
+            submodules.compressor, config=config, head_dim=head_dim, partition=self.kv_heads
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        gates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query [s, b, H, d], key, value [s, b, G, d], gates [s, b, H, 3] -> [s, b, H * d]."""
+        config = self.config
+        cu_seqlens = packed_cu_seqlens(packed_seq_params)
+        q, k, v, gates = self.to_batch_major(query, key, value, gates)
+        k_cmp, v_cmp = self.compress_k(k, cu_seqlens), self.compress_v(v, cu_seqlens)
+        out = nsa_kernels.nsa_attention(
+            q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1],
+            block_size=config.compress_block_size,
+            stride=config.compress_stride,
+            select_block_size=config.select_block_size,
+            top_n=config.select_top_n,
+            selection_query_block=config.selection_query_block,
+            window_size=config.sliding_window_size,
+            gate_window=gates[..., 2],
+            scale=self.softmax_scale,
+            cu_seqlens=cu_seqlens,
+            backend=self.backend,
+        )
+        return self.to_sequence_major(out)
