@@ -89,6 +89,25 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
 
 
+def check_q_offset(
+    q_offset: int, cu_seqlens: torch.Tensor | None, q_len: int, key_len: int | None = None
+) -> None:
+    """`q_offset` o: query i sits at position o + i of a key sequence that holds positions
+    0..o+T-1 (the queries are its last T positions). Not combined with packed sequences."""
+    if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
+        raise ValueError(f"q_offset={q_offset!r} must be a non-negative integer")
+    if q_offset and cu_seqlens is not None:
+        raise ValueError(
+            f"q_offset={q_offset} cannot be combined with cu_seqlens; call the op once per "
+            "document"
+        )
+    if key_len is not None and key_len != q_offset + q_len:
+        raise ValueError(
+            f"keys hold {key_len} tokens but q_offset={q_offset} with T={q_len} queries "
+            f"needs q_offset + T = {q_offset + q_len}"
+        )
+
+
 def softmax_scale(scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else scale
 

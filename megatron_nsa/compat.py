@@ -7,8 +7,11 @@ read the same on megatron-core 0.16 through 0.19.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import megatron.core
+import torch
+from megatron.core import utils
 
 SUPPORTED_MEGATRON_CORE = ((0, 16), (0, 20))
 """megatron-core versions this package is tested against: >= 0.16 and < 0.20."""
@@ -39,3 +42,16 @@ def check_megatron_core_version() -> None:
 def have_transformer_engine() -> bool:
     """True when transformer-engine's PyTorch extension can be imported."""
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def get_batch_on_this_cp_rank(
+    batch: dict[str, torch.Tensor], cp_group: torch.distributed.ProcessGroup | None = None
+) -> dict[str, torch.Tensor]:
+    """Megatron's load-balanced context-parallel split of [b, s] batch tensors.
+
+    megatron-core 0.16 takes (batch, cp_group); 0.19 adds `is_hybrid_cp` before cp_group.
+    """
+    kwargs = {"cp_group": cp_group}
+    if "is_hybrid_cp" in inspect.signature(utils.get_batch_on_this_cp_rank).parameters:
+        kwargs["is_hybrid_cp"] = False
+    return utils.get_batch_on_this_cp_rank(batch, **kwargs)

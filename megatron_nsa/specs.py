@@ -101,11 +101,6 @@ def _check_config(config: ASATransformerConfig) -> None:
         raise TypeError(
             f"ASA specs need a megatron_nsa.ASATransformerConfig, got {type(config).__name__}"
         )
-    if config.context_parallel_size > 1:
-        raise NotImplementedError(
-            f"ASA attention does not support context parallelism yet "
-            f"(context_parallel_size={config.context_parallel_size}); use 1"
-        )
 
 
 def _attention_spec(kind: str, config: ASATransformerConfig, backend: _Backend) -> ModuleSpec:

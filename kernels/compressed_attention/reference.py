@@ -1,7 +1,8 @@
 """Attention over compressed tokens (NSA's compression branch).
 
 Query t sees compressed block i only once the block is complete: i*s + l - 1 <= t.
-Rows that see no block yet (t < l - 1) give output 0 and log-sum-exp -inf.
+Rows that see no block yet (t < l - 1) give output 0 and log-sum-exp -inf. With `q_offset` o,
+query i sits at position t = o + i (a context-parallel chunk against the whole sequence's blocks).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from ..utils import compressed_cu_seqlens, masked_attention, per_document, softm
 
 
 def visible_blocks(
-    num_queries: int, num_blocks: int, block_size: int, stride: int, device: torch.device
+    num_queries: int,
+    num_blocks: int,
+    block_size: int,
+    stride: int,
+    device: torch.device,
+    q_offset: int = 0,
 ) -> torch.Tensor:
-    """Causal rule between queries and compressed blocks: [T, N] bool."""
-    t = torch.arange(num_queries, device=device)[:, None]
+    """Causal rule between queries (at positions o + i) and compressed blocks: [T, N] bool."""
+    t = q_offset + torch.arange(num_queries, device=device)[:, None]
     i = torch.arange(num_blocks, device=device)[None, :]
     return i * stride + block_size - 1 <= t
 
@@ -28,6 +34,7 @@ def compressed_attention(
     stride: int,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, HQ, DK], k_cmp [B, N, HK, DK], v_cmp [B, N, HK, DV] ->
     (o [B, T, HQ, DV], lse [B, T, HQ] float32)."""
@@ -39,5 +46,5 @@ def compressed_attention(
             [cu_seqlens, cu_cmp, cu_cmp],
             [q, k_cmp, v_cmp],
         )
-    mask = visible_blocks(q.shape[1], k_cmp.shape[1], block_size, stride, q.device)
+    mask = visible_blocks(q.shape[1], k_cmp.shape[1], block_size, stride, q.device, q_offset)
     return masked_attention(q, k_cmp, v_cmp, mask, scale)

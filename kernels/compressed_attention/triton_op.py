@@ -98,20 +98,26 @@ class SeqLayout:
 
     With packing, `cu_seqlens` / `cu_cmp` hold each document's token / compressed-token
     offsets (int32 on the device) and the kernels index tiles through host-built tables.
+    Without, the queries may start at position `q_offset` of the compressed keys' sequence.
     """
 
     cu_seqlens: torch.Tensor | None  # int32 [D + 1]
     cu_cmp: torch.Tensor | None  # int32 [D + 1]
     lengths: tuple[int, ...]  # tokens per document (one entry, T, without packing)
     cmp_lengths: tuple[int, ...]  # compressed tokens per document
+    q_offset: int = 0  # position of the first query (unpacked only)
 
     @staticmethod
     def build(
-        seqlen: int, block_size: int, stride: int, cu_seqlens: torch.Tensor | None
+        seqlen: int,
+        block_size: int,
+        stride: int,
+        cu_seqlens: torch.Tensor | None,
+        q_offset: int = 0,
     ) -> SeqLayout:
         if cu_seqlens is None:
-            num_cmp = num_compressed_blocks(seqlen, block_size, stride)
-            return SeqLayout(None, None, (seqlen,), (num_cmp,))
+            num_cmp = num_compressed_blocks(q_offset + seqlen, block_size, stride)
+            return SeqLayout(None, None, (seqlen,), (num_cmp,), q_offset)
         cu_cmp = compressed_cu_seqlens(cu_seqlens, block_size, stride)
         bounds, cmp_bounds = cu_seqlens.tolist(), cu_cmp.tolist()
         return SeqLayout(
@@ -198,7 +204,7 @@ def _fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lt, stride_lh,
-    seq_len, num_cmp, scale_log2,
+    seq_len, num_cmp, q_offset, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DV: tl.constexpr,
@@ -221,9 +227,8 @@ def _fwd_kernel(
     k_base = k + b * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     v_base = v + b * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
     q_rows = (bos + t).to(tl.int64) * stride_qt
-    n_vis = tl.minimum(
-        _num_visible(tl.minimum((tile + 1) * BLOCK_T, length) - 1, CMP_BLOCK, CMP_STRIDE), n_cmp
-    )
+    last = q_offset + tl.minimum((tile + 1) * BLOCK_T, length) - 1  # the tile's last position
+    n_vis = tl.minimum(_num_visible(last, CMP_BLOCK, CMP_STRIDE), n_cmp)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -246,7 +251,8 @@ def _fwd_kernel(
                 q_base, q_rows, t_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_T, BLOCK_N, PRECISION,
             )
-        visible = (i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t[:, None]) & i_ok[None, :]
+        visible = (i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + t[:, None])
+        visible = visible & i_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))  # [BT, BN], base-2 units
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
@@ -304,7 +310,7 @@ def _dq_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lt, stride_lh,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    seq_len, num_cmp, scale, scale_log2,
+    seq_len, num_cmp, q_offset, scale, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
@@ -334,9 +340,8 @@ def _dq_kernel(
     lse_t = tl.load(lse + l_off, mask=t_ok, other=0.0)
     lse_t = tl.where(lse_t == float("-inf"), 0.0, lse_t * LOG2E)  # such rows see no block
     delta_t = tl.load(delta + l_off, mask=t_ok, other=0.0)
-    n_vis = tl.minimum(
-        _num_visible(tl.minimum((tile + 1) * BLOCK_T, length) - 1, CMP_BLOCK, CMP_STRIDE), n_cmp
-    )
+    last = q_offset + tl.minimum((tile + 1) * BLOCK_T, length) - 1  # the tile's last position
+    n_vis = tl.minimum(_num_visible(last, CMP_BLOCK, CMP_STRIDE), n_cmp)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -370,7 +375,8 @@ def _dq_kernel(
                 do_base, o_rows, t_ok, stride_od, v_base, v_rows, i_ok, stride_vd,
                 DV, BLOCK_DV, NUM_DV, BLOCK_T, BLOCK_N, PRECISION,
             )
-        visible = (i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t[:, None]) & i_ok[None, :]
+        visible = (i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + t[:, None])
+        visible = visible & i_ok[None, :]
         p = tl.where(visible, tl.exp2(s * scale_log2 - lse_t[:, None]), 0.0)  # [BT, BN]
         ds = p * (dp - delta_t[:, None])
         acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
@@ -394,7 +400,7 @@ def _dkv_kernel(
     stride_lb, stride_lt, stride_lh,
     stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvs, stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    seq_len, num_cmp, scale, scale_log2,
+    seq_len, num_cmp, q_offset, scale, scale_log2,
     HK: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
@@ -433,7 +439,7 @@ def _dkv_kernel(
         v_tile = _load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
 
     # Query tiles that see the first block of this tile, split evenly over SPLITS programs.
-    first = (tile * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1) // BLOCK_T
+    first = tl.maximum(tile * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1 - q_offset, 0) // BLOCK_T
     last = tl.cdiv(length, BLOCK_T)
     per_split = tl.cdiv(tl.maximum(last - first, 0), SPLITS)
     lo = first + split * per_split
@@ -444,7 +450,8 @@ def _dkv_kernel(
     for q_tile_idx in range(lo, hi):
         t = q_tile_idx * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = t < length
-        visible = (i[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= t[None, :]) & t_ok[None, :]
+        visible = i[:, None] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + t[None, :]
+        visible = visible & t_ok[None, :]
         visible = visible & i_ok[:, None]  # [BN, BT]
         q_rows = (bos + t).to(tl.int64) * stride_qt
         o_rows = (bos + t).to(tl.int64) * stride_ot
@@ -526,7 +533,7 @@ def attention_forward(
     _fwd_kernel[grid](
         q, k_cmp, values, out, lse, tiles, layout.cu_seqlens, layout.cu_cmp,
         *q.stride(), *k_cmp.stride(), *values.stride(), *out.stride(), *lse.stride(),
-        seqlen, k_cmp.shape[1], scale * LOG2E_VALUE,
+        seqlen, k_cmp.shape[1], layout.q_offset, scale * LOG2E_VALUE,
         HQ=heads, GROUP=heads // kv_heads, CMP_BLOCK=block_size, CMP_STRIDE=stride,
         DK=dk, DV=dv, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
         BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, TILE_DV=vsplit.tile,
@@ -588,7 +595,7 @@ def attention_backward(
         _dq_kernel[(n_q_tiles, batch * heads, ksplit.tiles)](
             q, k_cmp, v_cmp, do, lse, delta, dq, q_tiles, layout.cu_seqlens, layout.cu_cmp,
             *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride(), *lse.stride(),
-            *dq.stride(), seqlen, num_cmp, scale, scale * LOG2E_VALUE,
+            *dq.stride(), seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE,
             HQ=heads, GROUP=heads // kv_heads, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
             TILE_DK=ksplit.tile, **common,
         )
@@ -607,7 +614,7 @@ def attention_backward(
         k_tiles, layout.cu_seqlens, layout.cu_cmp,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride(), *lse.stride(),
         *dk_parts.stride(), *dv_parts.stride(),
-        seqlen, num_cmp, scale, scale * LOG2E_VALUE,
+        seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE,
         HK=kv_heads, GROUP=heads // kv_heads, BLOCK_T=cfg.dkv_block_t, BLOCK_N=cfg.dkv_block_n,
         TILE_DK=ksplit.tile, TILE_DV=vsplit.tile,
         NUM_TILES=acc_tiles, SPLITS=splits, **common,
@@ -648,6 +655,7 @@ def compressed_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `reference.compressed_attention`, on the Triton kernels.
 
@@ -657,7 +665,7 @@ def compressed_attention(
     """
     scale = softmax_scale(scale, q.shape[-1])
     cfg = tiles or default_tiles(q.device, q.dtype, q.shape[-1], v_cmp.shape[-1])
-    layout = SeqLayout.build(q.shape[1], block_size, stride, cu_seqlens)
+    layout = SeqLayout.build(q.shape[1], block_size, stride, cu_seqlens, q_offset)
     return CompressedAttentionFunction.apply(
         q, k_cmp, v_cmp, block_size, stride, scale, layout, cfg
     )
@@ -671,9 +679,10 @@ def compressed_lse(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """The log-sum-exp [B, T, HQ] of compressed attention alone (no values, no autograd)."""
     scale = softmax_scale(scale, q.shape[-1])
     cfg = tiles or default_tiles(q.device, q.dtype, q.shape[-1], q.shape[-1])
-    layout = SeqLayout.build(q.shape[1], block_size, stride, cu_seqlens)
+    layout = SeqLayout.build(q.shape[1], block_size, stride, cu_seqlens, q_offset)
     return attention_forward(q, k_cmp, None, block_size, stride, scale, layout, cfg)[1]

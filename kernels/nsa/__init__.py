@@ -36,12 +36,14 @@ def nsa_attention(
     v_window: torch.Tensor | None = None,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    q_offset: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """q [B, T, HQ, DK]; k, v [B, T, HK, DK|DV] (selection keys); k_cmp, v_cmp
-    [B, N, HK, DK|DV] (compressed keys); gates [B, T, HQ] (already through the sigmoid).
-    The window branch runs when `window_size` is given, on k_window/v_window (default k, v)
-    -> o [B, T, HQ, DV]."""
+    """q [B, T, HQ, DK]; k, v [B, o + T, HK, DK|DV] (selection keys); k_cmp, v_cmp
+    [B, N, HK, DK|DV] (compressed keys of the o + T tokens); gates [B, T, HQ] (already
+    through the sigmoid). The window branch runs when `window_size` is given, on
+    k_window/v_window (default k, v) -> o [B, T, HQ, DV]. With `q_offset` o the queries are
+    the last T of the keys (query i at position o + i): one context-parallel chunk."""
     gates = {"gate_cmp": gate_cmp, "gate_slc": gate_slc, "gate_window": gate_window}
     for name, gate in gates.items():
         if gate is not None and gate.shape != q.shape[:3]:
@@ -50,22 +52,19 @@ def nsa_attention(
             )
     if (window_size is None) != (gate_window is None):
         raise ValueError("window_size and gate_window must be given together (or neither)")
-    o_cmp, lse_cmp = compressed_attention(
-        q, k_cmp, v_cmp, block_size, stride, scale=scale, cu_seqlens=cu_seqlens, backend=backend
-    )
+    common = {"scale": scale, "cu_seqlens": cu_seqlens, "q_offset": q_offset, "backend": backend}
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, block_size, stride, **common)
     indices = select_blocks(
         q, k_cmp, block_size, stride, select_block_size, top_n,
         num_selection_heads=num_selection_heads, selection_query_block=selection_query_block,
-        scale=scale, cu_seqlens=cu_seqlens, lse=lse_cmp.detach(), backend=backend,
+        lse=lse_cmp.detach(), **common,
     )
-    o_slc = selected_attention(
-        q, k, v, indices, select_block_size, scale=scale, cu_seqlens=cu_seqlens, backend=backend
-    )
+    o_slc = selected_attention(q, k, v, indices, select_block_size, **common)
     out = gate_cmp.unsqueeze(-1) * o_cmp + gate_slc.unsqueeze(-1) * o_slc
     if window_size is not None:
         o_win = sliding_window_attention(
             q, k if k_window is None else k_window, v if v_window is None else v_window,
-            window_size, scale=scale, cu_seqlens=cu_seqlens, backend=backend,
+            window_size, **common,
         )
         out = out + gate_window.unsqueeze(-1) * o_win
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..utils import check_cu_seqlens, check_positive, check_qkv, use_triton
+from ..utils import check_cu_seqlens, check_positive, check_q_offset, check_qkv, use_triton
 from . import reference
 
 
@@ -17,16 +17,19 @@ def selected_attention(
     *,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    q_offset: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Causal attention restricted to the chosen blocks of size l'.
 
-    q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV], block_indices [B, T, HI, n]
-    (unique per row, -1 = none; document-relative with cu_seqlens) -> o [B, T, HQ, DV].
+    q [B, T, HQ, DK], k [B, o + T, HK, DK], v [B, o + T, HK, DV], block_indices
+    [B, T, HI, n] (unique per row, -1 = none; document-relative with cu_seqlens) ->
+    o [B, T, HQ, DV]. With `q_offset` o > 0 the queries are the last T of the keys.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, same_length=False)
     check_positive("select_block_size", select_block_size)
     check_cu_seqlens(cu_seqlens, q)
+    check_q_offset(q_offset, cu_seqlens, q.shape[1], k.shape[1])
     if block_indices.dim() != 4 or block_indices.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"block_indices must be [B, T, HI, n] matching q {tuple(q.shape)}, "
@@ -43,8 +46,8 @@ def selected_attention(
         from . import triton_op
 
         return triton_op.selected_attention(
-            q, k, v, block_indices, select_block_size, scale, cu_seqlens
+            q, k, v, block_indices, select_block_size, scale, cu_seqlens, q_offset=q_offset
         )
     return reference.selected_attention(
-        q, k, v, block_indices, select_block_size, scale, cu_seqlens
+        q, k, v, block_indices, select_block_size, scale, cu_seqlens, q_offset
     )

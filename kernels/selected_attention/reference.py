@@ -1,7 +1,8 @@
 """Attention over the selected blocks (NSA's selection branch).
 
 Query head h reads the blocks chosen for its selection head h // (HQ / HI); inside the
-chosen blocks attention stays causal (key j <= t). Index -1 means "no block".
+chosen blocks attention stays causal (key j <= t). Index -1 means "no block". With `q_offset`
+o the T queries are the last T of o + T keys: query i sits at t = o + i.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ def selected_attention(
     select_block_size: int,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
-    """q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV], block_indices [B, T, HI, n]
-    -> o [B, T, HQ, DV]."""
+    """q [B, T, HQ, DK], k [B, o + T, HK, DK], v [B, o + T, HK, DV], block_indices
+    [B, T, HI, n] -> o [B, T, HQ, DV]."""
     scale = softmax_scale(scale, q.shape[-1])
     if cu_seqlens is not None:
         return per_document(
@@ -31,12 +33,14 @@ def selected_attention(
         )
     batch, seqlen, heads, _ = q.shape
     groups = block_indices.shape[2]
-    num_slc = -(-seqlen // select_block_size)
+    num_keys = k.shape[1]
+    num_slc = -(-num_keys // select_block_size)
     idx = torch.where(block_indices >= 0, block_indices, num_slc).long()
     chosen = torch.zeros(batch, seqlen, groups, num_slc + 1, dtype=torch.bool, device=q.device)
     chosen = chosen.scatter(-1, idx, True)[..., :num_slc]  # [B, T, HI, M]
-    pos = torch.arange(seqlen, device=q.device)
-    allowed = chosen[..., pos // select_block_size]  # [B, T, HI, S]
-    mask = allowed & (pos[None, :] <= pos[:, None])[None, :, None, :]
+    key = torch.arange(num_keys, device=q.device)
+    query = q_offset + torch.arange(seqlen, device=q.device)
+    allowed = chosen[..., key // select_block_size]  # [B, T, HI, S]
+    mask = allowed & (key[None, :] <= query[:, None])[None, :, None, :]
     mask = mask.transpose(1, 2).repeat_interleave(heads // groups, dim=1)  # [B, HQ, T, S]
     return masked_attention(q, k, v, mask, scale)[0]

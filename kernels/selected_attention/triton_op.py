@@ -1,8 +1,9 @@
 """Triton kernels for attention over selected blocks (NSA's selection branch).
 
 Query t of head h attends, causally (key j <= t), to the tokens of the blocks that selection
-head h // (HQ / HI) chose for it, reading KV head h // (HQ / HK). One of HK, HI must divide the
-other; this covers GQA/NSA (HI == HK), un-absorbed GLA (HK == HQ) and latent-absorbed GLA
+head h // (HQ / HI) chose for it, reading KV head h // (HQ / HK) (with a query offset o, the T
+queries are the last T of o + T keys and query row i sits at t = o + i). One of HK, HI must
+divide the other; this covers GQA/NSA (HI == HK), un-absorbed GLA (HK == HQ) and latent-absorbed GLA
 (HK == HI). A *unit* is the set of UNIT = HQ / max(HK, HI) consecutive query heads that share
 both their keys and their selection: those heads are the rows of every tl.dot, so no group
 size is too small (rows are padded to 16 by masking when needed).
@@ -142,14 +143,17 @@ class HeadLayout:
 class SeqLayout:
     """Where the sequences live: B equal rows of T tokens, or documents packed in one row."""
 
-    seq_len: int
+    seq_len: int  # query tokens T
     cu_seqlens: torch.Tensor | None  # int32 [D + 1] on the device
     lengths: tuple[int, ...]  # tokens per document (one entry, T, without packing)
+    q_offset: int = 0  # unpacked only: queries are the last T of q_offset + T keys
 
     @staticmethod
-    def build(seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> SeqLayout:
+    def build(
+        seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device, q_offset: int = 0
+    ) -> SeqLayout:
         if cu_seqlens is None:
-            return SeqLayout(seq_len, None, (seq_len,))
+            return SeqLayout(seq_len, None, (seq_len,), q_offset)
         bounds = cu_seqlens.tolist()
         lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
         return SeqLayout(seq_len, cu_seqlens.to(device=device, dtype=torch.int32), lengths)
@@ -188,11 +192,12 @@ class SeqLayout:
     def token_blocks(
         self, size: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(position of each token inside its document [T], global id of its document's
+        """(position of each query inside its document [T], global id of its document's
         block 0 [T], key blocks in all), blocks being `size` tokens of one document."""
         tokens = torch.arange(self.seq_len, device=device)
         if not self.packed:
-            return tokens, torch.zeros_like(tokens), triton.cdiv(self.seq_len, size)
+            keys = self.q_offset + self.seq_len
+            return self.q_offset + tokens, torch.zeros_like(tokens), triton.cdiv(keys, size)
         lengths = torch.tensor(self.lengths, device=device)
         doc = torch.repeat_interleave(
             torch.arange(len(self.lengths), device=device), lengths, output_size=self.seq_len
@@ -256,7 +261,7 @@ def _fwd_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    seq_len, num_tiles, width, scale_log2,
+    seq_len, num_tiles, width, q_offset, scale_log2,
     HQ: tl.constexpr, HI: tl.constexpr, UNITS: tl.constexpr, UNIT: tl.constexpr,
     UNIT_P: tl.constexpr, KV_GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -300,7 +305,7 @@ def _fwd_kernel(
         block = tl.load(union_row + j)
         chose = ((tl.load(member_row + j) >> row_q) & 1) != 0  # [BR] rows whose query chose it
         key = block * BLOCK_SIZE + offs_k  # [BK] positions inside the sequence
-        k_ok = (offs_k < BLOCK_SIZE) & (key < length)
+        k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
         k_rows = (bos + key).to(tl.int64) * stride_kt
         v_rows = (bos + key).to(tl.int64) * stride_vt
         if NUM_DK == 1:
@@ -314,7 +319,8 @@ def _fwd_kernel(
                 q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_R, BLOCK_K, PRECISION,
             )
-        visible = (chose & row_ok)[:, None] & k_ok[None, :] & (key[None, :] <= t[:, None])
+        visible = (chose & row_ok)[:, None] & k_ok[None, :]
+        visible = visible & (key[None, :] <= q_offset + t[:, None])
         s = tl.where(visible, s * scale_log2, float("-inf"))  # [BR, BK], base-2 units
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
@@ -363,7 +369,7 @@ def _dq_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    seq_len, num_tiles, width, scale, scale_log2,
+    seq_len, num_tiles, width, q_offset, scale, scale_log2,
     HQ: tl.constexpr, HI: tl.constexpr, UNITS: tl.constexpr, UNIT: tl.constexpr,
     UNIT_P: tl.constexpr, KV_GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -417,7 +423,7 @@ def _dq_kernel(
         block = tl.load(union_row + j)
         chose = ((tl.load(member_row + j) >> row_q) & 1) != 0
         key = block * BLOCK_SIZE + offs_k
-        k_ok = (offs_k < BLOCK_SIZE) & (key < length)
+        k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
         k_rows = (bos + key).to(tl.int64) * stride_kt
         v_rows = (bos + key).to(tl.int64) * stride_vt
         k_tile = tl.load(
@@ -442,7 +448,8 @@ def _dq_kernel(
                 do_base, do_rows, row_ok, stride_od, v_base, v_rows, k_ok, stride_vd,
                 DV, BLOCK_DV, NUM_DV, BLOCK_R, BLOCK_K, PRECISION,
             )
-        visible = (chose & row_ok)[:, None] & k_ok[None, :] & (key[None, :] <= t[:, None])
+        visible = (chose & row_ok)[:, None] & k_ok[None, :]
+        visible = visible & (key[None, :] <= q_offset + t[:, None])
         p = tl.where(visible, tl.exp2(s * scale_log2 - lse_row[:, None]), 0.0)  # [BR, BK]
         ds = p * (dp - delta_row[:, None])
         acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
@@ -466,7 +473,7 @@ def _dkv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     stride_pks, stride_pkh, stride_pkt, stride_pkd,
     stride_pvs, stride_pvh, stride_pvt, stride_pvd,
-    seq_len, num_blocks, scale, scale_log2,
+    seq_len, num_blocks, q_offset, scale, scale_log2,
     HQ: tl.constexpr, OWNERS: tl.constexpr, KV_PER_OWNER: tl.constexpr,
     SEL_PER_OWNER: tl.constexpr, KV_GROUP: tl.constexpr, UNIT: tl.constexpr,
     UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -496,7 +503,7 @@ def _dkv_kernel(
 
     offs_k = tl.arange(0, BLOCK_K)
     key = start + offs_k  # [BK] positions inside the sequence
-    k_ok = (offs_k < BLOCK_SIZE) & (key < length)
+    k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
     k_base = k + b * stride_kb + hk * stride_kh
     v_base = v + b * stride_vb + hk * stride_vh
     k_rows = (bos + key).to(tl.int64) * stride_kt
@@ -550,7 +557,8 @@ def _dkv_kernel(
                 v_base, v_rows, k_ok, stride_vd, do_base, do_rows, row_ok, stride_od,
                 DV, BLOCK_DV, NUM_DV, BLOCK_K, BLOCK_R, PRECISION,
             )
-        visible = k_ok[:, None] & row_ok[None, :] & (key[:, None] <= (tok - bos)[None, :])
+        visible = k_ok[:, None] & row_ok[None, :]
+        visible = visible & (key[:, None] <= (q_offset + tok - bos)[None, :])
         p = tl.where(visible, tl.exp2(s * scale_log2 - lse_row[None, :]), 0.0)  # [BK, BR]
         dv_acc += tl.dot(p.to(do_t.dtype), do_t, input_precision=PRECISION)
         ds = p * (dp - delta_row[None, :])
@@ -600,7 +608,7 @@ def _dkv_reduce_kernel(
     stride_pvs, stride_pvh, stride_pvt, stride_pvd,
     stride_dkb, stride_dkt, stride_dkh, stride_dkd,
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    seq_len, num_blocks,
+    seq_len, num_blocks, q_offset,
     OWNERS: tl.constexpr, KV_PER_OWNER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PACKED: tl.constexpr,
@@ -620,7 +628,7 @@ def _dkv_reduce_kernel(
         start, bos, length = gid * BLOCK_SIZE, 0, seq_len
     offs_k = tl.arange(0, BLOCK_K)
     key = start + offs_k
-    key_ok = (offs_k < BLOCK_SIZE) & (key < length)
+    key_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
     tok = (bos + key).to(tl.int64)
     _sum_parts(
         part_k, dk + b * stride_dkb + hk * stride_dkh, slot_lo, slot_hi, kv_sub, key_ok,
@@ -812,7 +820,7 @@ def attention_forward(
     _fwd_kernel[(n_tiles, batch * prob.heads.units, vsplit.tiles)](
         q, k, v, o, lse, union, members, counts, tiles, prob.layout.cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        seqlen, n_tiles, union.shape[-1], prob.scale * LOG2E,
+        seqlen, n_tiles, union.shape[-1], prob.layout.q_offset, prob.scale * LOG2E,
         DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, TILE_DV=vsplit.tile,
         PACKED=prob.layout.packed, PRECISION=dot_precision(q.dtype),
         num_warps=prob.cfg.num_warps, num_stages=prob.cfg.num_stages,
@@ -841,7 +849,7 @@ def attention_backward(
     dk_out = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv_out = torch.empty_like(v, memory_format=torch.contiguous_format)
     if batch * seqlen == 0:
-        return dq, dk_out, dv_out
+        return dq, dk_out.zero_(), dv_out.zero_()
     ksplit, vsplit = head_split(dk, cfg), head_split(dv, cfg)
     precision = dot_precision(q.dtype)
 
@@ -861,7 +869,7 @@ def attention_backward(
     _dq_kernel[(n_tiles, batch * heads_layout.units, ksplit.tiles)](
         q, k, v, do, lse, delta, dq, union, members, counts, tiles, layout.cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        seqlen, n_tiles, union.shape[-1], prob.scale, prob.scale * LOG2E,
+        seqlen, n_tiles, union.shape[-1], layout.q_offset, prob.scale, prob.scale * LOG2E,
         TILE_DK=ksplit.tile, **prob.unit_constants(), **common,
     )
 
@@ -882,7 +890,7 @@ def attention_backward(
         block_table, layout.cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
         *dv_out.stride(), *part_k.stride(), *part_v.stride(),
-        seqlen, num_blocks, prob.scale, prob.scale * LOG2E,
+        seqlen, num_blocks, layout.q_offset, prob.scale, prob.scale * LOG2E,
         HQ=heads, OWNERS=heads_layout.owners, KV_PER_OWNER=heads_layout.kv_per_owner,
         SEL_PER_OWNER=heads_layout.sel_per_owner, KV_GROUP=heads // heads_layout.kv_heads,
         UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size,
@@ -894,7 +902,7 @@ def attention_backward(
         _dkv_reduce_kernel[(splits.shape[0], heads_layout.kv_per_owner)](
             part_k, part_v, dk_out, dv_out, splits, block_table, layout.cu_seqlens,
             *part_k.stride(), *part_v.stride(), *dk_out.stride(), *dv_out.stride(),
-            seqlen, num_blocks,
+            seqlen, num_blocks, layout.q_offset,
             OWNERS=heads_layout.owners, KV_PER_OWNER=heads_layout.kv_per_owner,
             BLOCK_SIZE=prob.block_size, DK=dk, DV=dv, BLOCK_K=block_k,
             BLOCK_D=min(64, max(ksplit.tile, vsplit.tile)),
@@ -933,13 +941,15 @@ def selected_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Same contract as `reference.selected_attention`, on the Triton kernels.
 
-    q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV], block_indices [B, T, HI, n]
-    (-1 = none; document-relative with cu_seqlens) -> o [B, T, HQ, DV], 0 on rows whose
-    selection holds no key j <= t. Inputs are assumed checked by the public op; HK and HI
-    must divide one another. `tiles` overrides the tile sizes (see `default_tiles`).
+    q [B, T, HQ, DK], k [B, o + T, HK, DK], v [B, o + T, HK, DV], block_indices
+    [B, T, HI, n] (-1 = none; document-relative with cu_seqlens) -> o [B, T, HQ, DV], 0 on
+    rows whose selection holds no key j <= t (o = `q_offset`, query row i at t = o + i).
+    Inputs are assumed checked by the public op; HK and HI must divide one another. `tiles`
+    overrides the tile sizes (see `default_tiles`).
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"selected_attention (triton) does not support dtype {q.dtype}")
@@ -950,7 +960,7 @@ def selected_attention(
         block_size=select_block_size,
         scale=softmax_scale(scale, q.shape[-1]),
         heads=heads,
-        layout=SeqLayout.build(q.shape[1], cu_seqlens, q.device),
+        layout=SeqLayout.build(q.shape[1], cu_seqlens, q.device, q_offset),
         cfg=tiles or default_tiles(q.device, q.dtype, q.shape[-1], v.shape[-1]),
     )
     return SelectedAttentionFunction.apply(q, k, v, block_indices.to(q.device), prob)

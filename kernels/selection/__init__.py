@@ -16,6 +16,7 @@ def check_selection(
     top_n: int,
     select_block_size: int,
     selection_query_block: int,
+    q_offset: int = 0,
 ) -> None:
     check_positive("top_n", top_n)
     if top_n < 3:
@@ -27,6 +28,11 @@ def check_selection(
         raise ValueError(
             f"selection_query_block={selection_query_block} must divide "
             f"select_block_size={select_block_size}"
+        )
+    if q_offset % selection_query_block:
+        raise ValueError(
+            f"q_offset={q_offset} must be a multiple of selection_query_block="
+            f"{selection_query_block}: a query block must not straddle the offset"
         )
     groups = num_selection_heads or kv_heads
     check_positive("num_selection_heads", groups)
@@ -47,6 +53,7 @@ def select_blocks(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    q_offset: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Top-n selection blocks per query and selection head (NSA Eq. 8-11).
@@ -55,6 +62,8 @@ def select_blocks(
     HI = num_selection_heads (default HK): the query heads of one group share a selection.
     `lse` [B, T, HQ]: the log-sum-exp returned by `compressed_attention` with the same scale;
     the Triton backend then skips recomputing it (the reference ignores it). No gradient.
+    With `q_offset` o, query i sits at position o + i and k_cmp holds the blocks of o + T
+    tokens; o must be a multiple of `selection_query_block`.
     """
     if q.dim() != 4 or k_cmp.dim() != 4:
         raise ValueError(
@@ -63,10 +72,10 @@ def select_blocks(
     check_blocks(block_size, stride, select_block_size)
     check_selection(
         q.shape[2], k_cmp.shape[2], num_selection_heads, top_n, select_block_size,
-        selection_query_block,
+        selection_query_block, q_offset,
     )
     check_cu_seqlens(cu_seqlens, q)
-    check_compressed(q, k_cmp, block_size, stride, cu_seqlens)
+    check_compressed(q, k_cmp, block_size, stride, cu_seqlens, q_offset)
     if lse is not None and (lse.shape != q.shape[:3] or not lse.is_floating_point()):
         raise ValueError(
             f"lse must be a float tensor of shape [B, T, HQ] = {tuple(q.shape[:3])}, "
@@ -78,9 +87,9 @@ def select_blocks(
 
         return triton_op.select_blocks(
             q, k_cmp, block_size, stride, select_block_size, top_n, num_selection_heads,
-            selection_query_block, scale, cu_seqlens, lse,
+            selection_query_block, scale, cu_seqlens, lse, q_offset=q_offset,
         )
     return reference.select_blocks(
         q, k_cmp, block_size, stride, select_block_size, top_n, num_selection_heads,
-        selection_query_block, scale, cu_seqlens, lse,
+        selection_query_block, scale, cu_seqlens, lse, q_offset,
     )

@@ -7,7 +7,8 @@ strides (Eq. 9 with s | l and s | l'). The heads that share one selection (a GQA
 or a GLA latent head) sum their scores (Eq. 10). Then each query keeps the top n blocks
 among those it may see (j <= t // l'), always including block 0 and the two most recent
 blocks; ties go to the more recent block. With `selection_query_block` q > 1, the q
-consecutive queries [m*q, (m+1)*q) sum their scores and share one selection.
+consecutive queries [m*q, (m+1)*q) sum their scores and share one selection. With `q_offset`
+o the queries sit at positions o + i (o a multiple of q, so query blocks stay whole).
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ def block_importance(
     select_block_size: int,
     num_selection_heads: int | None = None,
     scale: float | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
-    """q [B, T, HQ, DK], k_cmp [B, N, HK, DK] -> scores [B, T, HI, M], M = ceil(T / l')."""
+    """q [B, T, HQ, DK], k_cmp [B, N, HK, DK] -> scores [B, T, HI, M], M = ceil((o + T) / l')."""
     batch, seqlen, heads, _ = q.shape
     groups = num_selection_heads or k_cmp.shape[2]
     scale = softmax_scale(scale, q.shape[-1])
     k_cmp = k_cmp.repeat_interleave(heads // k_cmp.shape[2], dim=2)
     scores = torch.einsum("bthd,bnhd->bhtn", q, k_cmp) * scale  # [B, HQ, T, N]
-    mask = visible_blocks(seqlen, k_cmp.shape[1], block_size, stride, q.device)
+    mask = visible_blocks(seqlen, k_cmp.shape[1], block_size, stride, q.device, q_offset)
     p_cmp, _ = masked_softmax(scores, mask)  # [B, HQ, T, N]
-    num_slc = -(-seqlen // select_block_size)
+    num_slc = -(-(q_offset + seqlen) // select_block_size)
     overlap = selection_overlap(
         k_cmp.shape[1], num_slc, block_size, stride, select_block_size, q.device
     ).to(p_cmp.dtype)
@@ -72,6 +74,7 @@ def select_blocks(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Indices [B, T, HI, n] (int32) of the selected blocks, ascending, padded with -1.
 
@@ -91,13 +94,17 @@ def select_blocks(
         )
     with torch.no_grad():
         score = block_importance(
-            q, k_cmp, block_size, stride, select_block_size, num_selection_heads, scale
+            q, k_cmp, block_size, stride, select_block_size, num_selection_heads, scale, q_offset
         )  # [B, T, HI, M]
-        return _top_n(score, select_block_size, top_n, selection_query_block)
+        return _top_n(score, select_block_size, top_n, selection_query_block, q_offset)
 
 
 def _top_n(
-    score: torch.Tensor, select_block_size: int, top_n: int, selection_query_block: int
+    score: torch.Tensor,
+    select_block_size: int,
+    top_n: int,
+    selection_query_block: int,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     batch, seqlen, groups, num_slc = score.shape
     qb = selection_query_block
@@ -106,7 +113,8 @@ def _top_n(
         score = torch.nn.functional.pad(score, (0, 0, 0, 0, 0, pad))
         score = score.view(batch, -1, qb, groups, num_slc).sum(2)  # [B, T/q, HI, M]
         score = score.repeat_interleave(qb, dim=1)[:, :seqlen]
-    current = torch.arange(seqlen, device=score.device)[:, None] // select_block_size  # [T, 1]
+    t = q_offset + torch.arange(seqlen, device=score.device)[:, None]  # [T, 1] positions
+    current = t // select_block_size
     j = torch.arange(num_slc, device=score.device)[None, :]  # [1, M]
     causal = (j <= current)[None, :, None, :]  # [1, T, 1, M]
     forced = (j == 0) | (j == current) | (j == current - 1)

@@ -112,7 +112,7 @@ def _select_kernel(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_lb, stride_lt, stride_lh,
     stride_ob, stride_ot, stride_oh, stride_on,
-    seq_len, num_cmp, scale_log2,
+    seq_len, num_cmp, q_offset, scale_log2,
     HI: tl.constexpr, GROUP_KV: tl.constexpr, GROUP_SEL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     STRIDES: tl.constexpr, TOP_N: tl.constexpr,
@@ -124,7 +124,8 @@ def _select_kernel(
 ):
     """Top-n selection blocks of BLOCK_M query blocks for one selection group.
 
-    STRIDES = l' / s: compressed blocks that start inside one selection block.
+    STRIDES = l' / s: compressed blocks that start inside one selection block. Rows index
+    queries inside the sequence; rules see them at positions q_offset + row (unpacked only).
     """
     pid_tile = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -144,9 +145,9 @@ def _select_kernel(
     l_rows = (bos + t).to(tl.int64) * stride_lt
     first_t = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) * QUERY_BLOCK  # [BM] first query
     block_ok = first_t < length
-    current = first_t // SEL_BLOCK  # [BM] the selection block holding the queries
+    current = (q_offset + first_t) // SEL_BLOCK  # [BM] the selection block holding the queries
     last_t = tl.minimum((tile + 1) * BLOCK_M * QUERY_BLOCK, length) - 1
-    n_sel = last_t // SEL_BLOCK + 1  # selection blocks any query of the tile may pick
+    n_sel = (q_offset + last_t) // SEL_BLOCK + 1  # selection blocks any query may pick
 
     offs_c = tl.arange(0, BLOCK_C)
     offs_w = tl.arange(0, WIDTH)
@@ -155,7 +156,8 @@ def _select_kernel(
     for j0 in range(0, n_sel, WIDTH):
         i = j0 * STRIDES + offs_c  # compressed blocks starting in selection blocks j0..j0+W
         i_ok = (offs_c < WIDTH * STRIDES) & (i < n_cmp)
-        visible = (i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t[:, None]) & i_ok[None, :]
+        visible = i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + t[:, None]
+        visible = visible & i_ok[None, :]
         visible = visible & t_ok[:, None]  # [BT, BC]
         k_rows = (cbos + i).to(tl.int64) * stride_kn
         probs = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
@@ -221,6 +223,7 @@ def select_blocks(
     cu_seqlens: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: SelectConfig | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Same contract as `reference.select_blocks`, on the Triton kernel.
 
@@ -234,7 +237,7 @@ def select_blocks(
     scale = softmax_scale(scale, dk)
     cfg = config or default_select_config(q.device, q.dtype, dk)
     if lse is None:
-        lse = compressed_lse(q, k_cmp, block_size, stride, scale, cu_seqlens)
+        lse = compressed_lse(q, k_cmp, block_size, stride, scale, cu_seqlens, q_offset=q_offset)
     lse = lse.detach().float()
     out = torch.empty(batch, seqlen, groups, top_n, dtype=torch.int32, device=q.device)
 
@@ -250,7 +253,7 @@ def select_blocks(
     _select_kernel[(n_tiles, batch * groups)](
         q, k_cmp, lse, out, tiles, layout.cu_seqlens, layout.cu_cmp,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
-        seqlen, k_cmp.shape[1], scale * LOG2E_VALUE,
+        seqlen, k_cmp.shape[1], q_offset, scale * LOG2E_VALUE,
         HI=groups, GROUP_KV=heads // kv_heads, GROUP_SEL=heads // groups,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, SEL_BLOCK=select_block_size,
         STRIDES=select_block_size // stride, TOP_N=top_n, QUERY_BLOCK=qb, QUERY_BLOCK_P=qb_padded,

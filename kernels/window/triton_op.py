@@ -554,11 +554,14 @@ def sliding_window_attention(
     window_size: int,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
-    """q [B, T, HQ, DK], k [B, T, HK, DK], v [B, T, HK, DV] -> o [B, T, HQ, DV].
+    """q [B, T, HQ, DK], k [B, o + T, HK, DK], v [B, o + T, HK, DV] -> o [B, T, HQ, DV].
 
     Same semantics as `reference.sliding_window_attention`; inputs are assumed checked by
-    the public op (shapes, grouped heads, cu_seqlens with B == 1).
+    the public op (shapes, grouped heads, cu_seqlens with B == 1, o = `q_offset`). With
+    o > 0 the kernels run on the last min(o, w - 1) + T keys, with zero queries in front of
+    the real ones whose outputs are dropped (their gradient is zero, so nothing leaks).
     """
     dk, dv = q.shape[-1], v.shape[-1]
     if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
@@ -570,11 +573,18 @@ def sliding_window_attention(
         raise ValueError(f"sliding_window_attention (triton) does not support dtype {q.dtype}")
     scale = softmax_scale(scale, dk)
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # nothing to launch
-        return reference.sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
+        return reference.sliding_window_attention(
+            q, k, v, window_size, scale, cu_seqlens, q_offset
+        )
+    halo = min(q_offset, window_size - 1)
+    if halo:
+        k, v = k[:, q_offset - halo :], v[:, q_offset - halo :]
+        q = torch.cat((q.new_zeros(q.shape[0], halo, *q.shape[2:]), q), dim=1)
     seqlen = q.shape[1]
     window = min(window_size, seqlen)
     q, k, v = _unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v)
     doc_start, doc_end = _document_bounds(cu_seqlens, seqlen, q.device)
-    return SlidingWindowAttention.apply(
+    out = SlidingWindowAttention.apply(
         q, k, v, window, scale, doc_start, doc_end, cu_seqlens is not None
     )
+    return out[:, halo:]

@@ -5,6 +5,12 @@ keyword arguments) and return (output, bias). Core attention modules follow Mega
 `CoreAttention` interface: built with config, layer_number, attn_mask_type, attention_type,
 cp_comm_type, softmax_scale, pg_collection, k_channels, v_channels; called on
 [s, b, heads, dim] tensors; return [s, b, heads * v_dim].
+
+Context parallelism (docs/context_parallel.md): the self-attention modules exchange what the
+layer kind needs over the CP group (they hold the latents, which are far smaller than
+per-head keys and values), and the core attention modules run one call per query piece of
+`ContextParallelLayout`, each at its offset into the keys. Megatron's `cp_comm_type` is
+accepted and not used: each layer kind has its own exchange.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..compat import check_megatron_core_version
 from ..config import ASATransformerConfig
+from ..context_parallel import ContextParallelLayout, QueryPiece
 from ..norm import supports_sequence_parallel
 from ..parallel import HeadPartition
 
@@ -32,13 +39,17 @@ class TokenLayout:
     """The tokens of one forward pass, as the attention ops need them."""
 
     length: int
-    """Full sequence length s (all packed documents together for THD input)."""
+    """Full sequence length s (all packed documents together for THD input), over every
+    context-parallel rank."""
 
     positions: torch.Tensor
-    """[s] RoPE position of every token (restarting at each packed document)."""
+    """[s_local] RoPE position of every local token (restarting at each packed document)."""
 
     cu_seqlens: torch.Tensor | None
-    """Packed document offsets [num_docs + 1], or None for [s, b] batches."""
+    """Packed document offsets [num_docs + 1] of the whole batch, or None for [s, b] batches."""
+
+    cp: ContextParallelLayout | None = None
+    """The context-parallel split, or None without context parallelism."""
 
 
 def packed_cu_seqlens(packed_seq_params: PackedSeqParams | None) -> torch.Tensor | None:
@@ -51,11 +62,20 @@ def packed_cu_seqlens(packed_seq_params: PackedSeqParams | None) -> torch.Tensor
 
 
 def token_layout(
-    length: int, packed_seq_params: PackedSeqParams | None, device: torch.device
+    length: int,
+    packed_seq_params: PackedSeqParams | None,
+    device: torch.device,
+    cp_group: torch.distributed.ProcessGroup | None = None,
 ) -> TokenLayout:
-    """Positions 0..s-1, or per-document positions of a packed sequence."""
-    positions = torch.arange(length, device=device)
+    """Positions 0..s-1, or per-document positions of a packed sequence; under context
+    parallelism the global positions of this rank's `length` tokens."""
     cu_seqlens = packed_cu_seqlens(packed_seq_params)
+    if cp_group is not None and cp_group.size() > 1:
+        cp = ContextParallelLayout.build(cp_group, length, cu_seqlens)
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(device)
+        return TokenLayout(cp.global_length, cp.positions(device), cu_seqlens, cp)
+    positions = torch.arange(length, device=device)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device)
         starts = cu_seqlens[:-1].long()
@@ -64,15 +84,33 @@ def token_layout(
     return TokenLayout(length, positions, cu_seqlens)
 
 
-def check_context_parallel(pg_collection: ProcessGroupCollection) -> None:
-    """Context parallelism is not implemented yet: refuse it clearly at construction."""
+def check_context_parallel(
+    config: TransformerConfig, pg_collection: ProcessGroupCollection
+) -> None:
+    """The CP group the module is given must be the one the config describes: positions and
+    the split are derived from it, so a mismatch would silently mix up tokens."""
     cp_group = getattr(pg_collection, "cp", None)
     cp_size = cp_group.size() if cp_group is not None else 1
-    if cp_size > 1:
-        raise NotImplementedError(
-            f"ASA attention does not support context parallelism yet (context parallel size "
-            f"{cp_size}); use context_parallel_size=1"
+    if cp_size != config.context_parallel_size:
+        raise ValueError(
+            f"the context-parallel group has {cp_size} ranks but config.context_parallel_size="
+            f"{config.context_parallel_size}; pass the CP group of the model's layout "
+            "(pg_collection.cp / parallel_state.get_context_parallel_group()) and set "
+            "context_parallel_size to its size"
         )
+
+
+def query_chunks(
+    query: torch.Tensor, pieces: list[QueryPiece], attend: Callable[[QueryPiece], torch.Tensor]
+) -> torch.Tensor:
+    """Concatenate attend(piece) [b, q_len, ...] over the pieces, which cover query [b, s, ...]
+    in order."""
+    if sum(piece.q_len for piece in pieces) != query.shape[1]:
+        raise ValueError(
+            f"query pieces cover {sum(p.q_len for p in pieces)} tokens, the query has "
+            f"{query.shape[1]}"
+        )
+    return torch.cat([attend(piece) for piece in pieces], dim=1)
 
 
 def tp_partition(
@@ -113,10 +151,11 @@ class ASASelfAttention(MegatronModule):
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        check_context_parallel(pg_collection)
+        check_context_parallel(config, pg_collection)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"ASA attention is causal; got attn_mask_type={attn_mask_type}")
         self.pg_collection, self.tp_group = pg_collection, pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.layer_number, self.attn_mask_type = layer_number, attn_mask_type
         self.cp_comm_type = cp_comm_type
         tp_size = self.tp_group.size()
@@ -210,12 +249,16 @@ class ASASelfAttention(MegatronModule):
         packed_seq_params: PackedSeqParams | None,
         gates: torch.Tensor | None = None,
         checkpoint: bool = True,
+        pieces: list[QueryPiece] | None = None,
     ) -> torch.Tensor:
         """Core attention, recomputed in the backward when "core_attn" recompute is on (and
-        `checkpoint`, False inside a larger recomputed region)."""
+        `checkpoint`, False inside a larger recomputed region). `pieces`: the query pieces
+        under context parallelism (keys then span more tokens than the query)."""
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *g: torch.Tensor):
             extra = {"gates": g[0]} if g else {}
+            if pieces is not None:
+                extra["pieces"] = pieces
             return self.core_attention(
                 q, k, v, None, attn_mask_type=self.attn_mask_type,
                 packed_seq_params=packed_seq_params, **extra,
@@ -270,16 +313,21 @@ class ASASelfAttention(MegatronModule):
         length = hidden_states.shape[0]
         if self.config.sequence_parallel:
             length *= self.tp_group.size()
-        tokens = token_layout(length, packed_seq_params, hidden_states.device)
+        tokens = token_layout(length, packed_seq_params, hidden_states.device, self.cp_group)
+        if tokens.cp is not None and set(self.config.attention_pattern) & {"G", "N"}:
+            # Checked by every layer, so the first one refuses the batch before any exchange.
+            tokens.cp.check_chunk_multiple(
+                self.config.selection_query_block, "selection_query_block"
+            )
         return self.linear_proj(self.attend(hidden_states, tokens, packed_seq_params))
 
 
 class ASACoreAttention(MegatronModule):
     """Base of the ASA core attention modules: Megatron's CoreAttention constructor.
 
-    Context parallelism belongs here: the module holds the CP group, from which (with the
-    CP rank and the local length) the global positions of its tokens follow, and global
-    layers receive latent tokens, the small tensors that ranks would exchange.
+    Under context parallelism the forward also takes `pieces` (`ContextParallelLayout`'s
+    query pieces): the query holds this rank's tokens, the keys (and values) the tokens those
+    pieces read, gathered or with halos, and each piece is one op call at its offset.
     """
 
     def __init__(
@@ -297,7 +345,7 @@ class ASACoreAttention(MegatronModule):
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        check_context_parallel(pg_collection)
+        check_context_parallel(config, pg_collection)
         if attn_mask_type != AttnMaskType.causal or attention_type != "self":
             raise ValueError(
                 f"{type(self).__name__} is causal self-attention; got {attn_mask_type}, "

@@ -1,6 +1,8 @@
 """Dense ("D") layers: full causal attention with GQA and RoPE, the baseline.
 
-Also holds the GQA query/key/value projection that the classic NSA layers share.
+Also holds the GQA query/key/value projection that the classic NSA layers share. Under
+context parallelism both kinds all-gather the per-KV-head keys and values over the CP group
+(as Llama 3 does) and attend for this rank's chunks at their offsets.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
+from torch.nn.attention.bias import causal_lower_right
 
 from ..config import ASATransformerConfig
-from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens
+from ..context_parallel import ContextParallelLayout, PendingGather, QueryPiece, start_gather
+from .base import (
+    ASACoreAttention,
+    ASASelfAttention,
+    TokenLayout,
+    packed_cu_seqlens,
+    query_chunks,
+)
 from .rope import Rotary, default_softmax_scale
 
 
@@ -50,6 +60,20 @@ class GQAProjectionMixin:
         q = q.reshape(*q.shape[:2], -1, self.head_dim)
         cos, sin = self.rotary.cos_sin(tokens.positions, tokens.length)
         return Rotary.rotate(q, cos, sin), Rotary.rotate(k.squeeze(3), cos, sin), v.squeeze(3)
+
+    def start_kv_gather(
+        self: ASASelfAttention, key: torch.Tensor, value: torch.Tensor, cp: ContextParallelLayout
+    ) -> PendingGather:
+        """Start all-gathering key and value [s, b, G_local, d] over the CP group."""
+        return start_gather(
+            torch.cat((key, value), dim=-1), cp, self.cp_group, self.layer_number, "kv"
+        )
+
+    @staticmethod
+    def gathered_kv(pending: PendingGather) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value [S, b, G_local, d] of the whole sequence, in global order."""
+        key, value = pending.wait().chunk(2, dim=-1)
+        return key, value
 
 
 @dataclass
@@ -96,7 +120,12 @@ class DenseSelfAttention(GQAProjectionMixin, ASASelfAttention):
         packed_seq_params: PackedSeqParams | None,
     ) -> torch.Tensor:
         query, key, value = self.qkv(hidden_states, tokens)
-        return self.run_core(query, key, value, packed_seq_params)
+        if tokens.cp is None:
+            return self.run_core(query, key, value, packed_seq_params)
+        key, value = self.gathered_kv(self.start_kv_gather(key, value, tokens.cp))
+        return self.run_core(
+            query, key, value, packed_seq_params, pieces=tokens.cp.causal_pieces()
+        )
 
 
 class DenseCoreAttention(ASACoreAttention):
@@ -111,27 +140,43 @@ class DenseCoreAttention(ASACoreAttention):
         attn_mask_type=None,
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
+        pieces: list[QueryPiece] | None = None,
     ) -> torch.Tensor:
-        """query [s, b, H, d], key, value [s, b, G, d] -> [s, b, H * d]."""
+        """query [s, b, H, d], key, value [S, b, G, d] -> [s, b, H * d]; S = s, or the whole
+        sequence under context parallelism, read by the query `pieces`."""
         heads = query.shape[2]
         # [s, b, heads, d] -> [b, heads, s, d], with KV heads repeated for their query groups.
         q = query.permute(1, 2, 0, 3)
         k = key.repeat_interleave(heads // key.shape[2], dim=2).permute(1, 2, 0, 3)
         v = value.repeat_interleave(heads // value.shape[2], dim=2).permute(1, 2, 0, 3)
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
-        if cu_seqlens is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        if pieces is not None:
+            out = query_chunks(
+                q.transpose(1, 2), pieces,
+                lambda p: self.causal(
+                    q[:, :, p.queries], k[:, :, p.keys], v[:, :, p.keys], p.q_offset
+                ).transpose(1, 2),
+            ).transpose(1, 2)
+        elif cu_seqlens is None:
+            out = self.causal(q, k, v)
         else:
             bounds = cu_seqlens.tolist()
             out = torch.cat(
                 [
-                    F.scaled_dot_product_attention(
-                        q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                        scale=self.softmax_scale,
-                    )
+                    self.causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
                     for a, b in zip(bounds[:-1], bounds[1:], strict=True)
                     if b > a
                 ],
                 dim=2,
             )
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    def causal(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0
+    ) -> torch.Tensor:
+        """q [b, H, t, d] at positions q_offset + i of k, v [b, H, q_offset + t, d]: causal
+        aligned to the last key (no mask tensor, so SDPA keeps its flash kernels)."""
+        if q_offset == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        mask = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)

@@ -9,6 +9,13 @@ up-projections. o = g_cmp o_cmp + g_slc o_slc with [g_cmp, g_slc] = sigmoid(W_g 
 Tensor parallelism: query heads, their up-projections and gates are column parallel; latent
 heads move with their query groups (split when h_c >= TP, replicated on TP / h_c ranks
 otherwise, see `LatentDownProjection`); W_KR is duplicated.
+
+Context parallelism: the raw latent tokens, h_c d_c' + d_R values per token (this rank's
+latent heads and the shared k^R), are all-gathered over the CP group into global order,
+started before the query projection so the two overlap. Every rank compresses the whole
+latent sequence itself (cheaper than exchanging compressed tokens whose blocks straddle
+chunks) and scores, selects and attends for its own queries only, one call per chunk at the
+chunk's offset; the gradient of the gathered latents is reduce-scattered back in fp32.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from nsa_kernels import compressed_cu_seqlens, num_compressed_blocks
 
 from ..config import ASATransformerConfig
+from ..context_parallel import QueryPiece, start_gather
 from ..parallel import (
     HeadPartition,
     gather_from_replicas,
@@ -30,7 +39,14 @@ from ..parallel import (
     param_device,
     replicate_over_tp,
 )
-from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
+from .base import (
+    ASACoreAttention,
+    ASASelfAttention,
+    TokenLayout,
+    packed_cu_seqlens,
+    query_chunks,
+    tp_partition,
+)
 from .linear import partitioned_state_dict
 from .query import LatentQueryMixin
 from .rope import Rotary, default_softmax_scale
@@ -149,10 +165,8 @@ class GlobalSelfAttention(LatentQueryMixin, ASASelfAttention):
         packed_seq_params: PackedSeqParams | None,
     ) -> torch.Tensor:
         config = self.config
+        cp = tokens.cp
         cos, sin = self.rotary.cos_sin(tokens.positions, tokens.length)
-        query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]
-        gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 2]
-        gates = torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 2)
         latent, _ = self.linear_latent_down_proj(hidden_states)  # [s, b, h_c_local * d_c']
         latent = self.latent_layernorm(latent.view(*latent.shape[:2], self.latents.local_heads, -1))
         k_rope, _ = self.linear_kr_proj(hidden_states)  # [s(/TP), b, d_R]
@@ -160,9 +174,24 @@ class GlobalSelfAttention(LatentQueryMixin, ASASelfAttention):
             k_rope, self.tp_group, config.sequence_parallel, self.latents.replicas
         )
         k_rope = Rotary.rotate(k_rope.unsqueeze(2), cos, sin)  # [s, b, 1, d_R]
+        if cp is not None:
+            flat = torch.cat((latent.flatten(2), k_rope.squeeze(2)), dim=-1)
+            pending = start_gather(flat, cp, self.cp_group, self.layer_number, "latent")
+        query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]
+        gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 2]
+        gates = torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 2)
+        if cp is not None:
+            flat = pending.wait()  # [S, b, h_c_local * d_c' + d_R], global order
+            heads, width = latent.shape[2:]
+            latent, k_rope = flat.split([heads * width, k_rope.shape[-1]], dim=-1)
+            latent = latent.view(*flat.shape[:2], heads, width)
+            k_rope = k_rope.unsqueeze(2)
         k_rope = k_rope.expand(*latent.shape[:3], -1)
-        latent_tokens = torch.cat((latent, k_rope), dim=-1)  # [s, b, h_c_local, d_c' + d_R]
-        return self.run_core(query, latent_tokens, latent_tokens, packed_seq_params, gates)
+        latent_tokens = torch.cat((latent, k_rope), dim=-1)  # [S, b, h_c_local, d_c' + d_R]
+        return self.run_core(
+            query, latent_tokens, latent_tokens, packed_seq_params, gates,
+            pieces=None if cp is None else cp.causal_pieces(),
+        )
 
 
 @dataclass
@@ -215,9 +244,11 @@ class GlobalCoreAttention(ASACoreAttention):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         gates: torch.Tensor | None = None,
+        pieces: list[QueryPiece] | None = None,
     ) -> torch.Tensor:
-        """query [s, b, H, d_h + d_R]; key = value = latent tokens [s, b, h_c, d_c' + d_R];
-        gates [s, b, H, 2] (after the sigmoid) -> [s, b, H * d_v]."""
+        """query [s, b, H, d_h + d_R]; key = value = latent tokens [S, b, h_c, d_c' + d_R];
+        gates [s, b, H, 2] (after the sigmoid) -> [s, b, H * d_v]. S = s, or under context
+        parallelism the whole sequence in global order, read by the query `pieces`."""
         config = self.config
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
         q, tokens, gates = self.to_batch_major(query, key, gates)
@@ -226,25 +257,57 @@ class GlobalCoreAttention(ASACoreAttention):
         length = tokens.shape[1]
         k, k_cmp = k[:, :length], k[:, length:]
         v, v_cmp = v[:, :length], v[:, length:]
+        if pieces is None:
+            out = self.branches(q, k, v, k_cmp, v_cmp, gates, cu_seqlens)
+            return self.to_sequence_major(out)
+        cmp_starts = [0] if cu_seqlens is None else compressed_cu_seqlens(
+            cu_seqlens, config.compress_block_size, config.compress_stride
+        ).tolist()
+
+        def attend(piece: QueryPiece) -> torch.Tensor:
+            first = cmp_starts[piece.doc]
+            blocks = slice(first, first + num_compressed_blocks(
+                piece.k_len, config.compress_block_size, config.compress_stride
+            ))
+            return self.branches(
+                q[:, piece.queries], k[:, piece.keys], v[:, piece.keys], k_cmp[:, blocks],
+                v_cmp[:, blocks], gates[:, piece.queries], None, piece.q_offset,
+            )
+
+        return self.to_sequence_major(query_chunks(q, pieces, attend))
+
+    def branches(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cmp: torch.Tensor,
+        v_cmp: torch.Tensor,
+        gates: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        q_offset: int = 0,
+    ) -> torch.Tensor:
+        """g_cmp o_cmp + g_slc o_slc for queries q [b, t, H, d] at positions q_offset + i of
+        the keys k, v [b, q_offset + t, H, d] and their compressed blocks -> [b, t, H, d_v]."""
+        config = self.config
         blocks = {
             "block_size": config.compress_block_size,
             "stride": config.compress_stride,
             "scale": self.softmax_scale,
             "cu_seqlens": cu_seqlens,
+            "q_offset": q_offset,
             "backend": self.backend,
         }
-        if self.latents.replicas == 1:
-            out = nsa_kernels.nsa_attention(
-                q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1],
-                select_block_size=config.select_block_size,
-                top_n=config.select_top_n,
-                num_selection_heads=self.latents.local_heads,
-                selection_query_block=config.selection_query_block,
-                **blocks,
-            )
-        else:
-            out = self.replicated_latent_attention(q, k, v, k_cmp, v_cmp, gates, blocks)
-        return self.to_sequence_major(out)
+        if self.latents.replicas > 1:
+            return self.replicated_latent_attention(q, k, v, k_cmp, v_cmp, gates, blocks)
+        return nsa_kernels.nsa_attention(
+            q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1],
+            select_block_size=config.select_block_size,
+            top_n=config.select_top_n,
+            num_selection_heads=self.latents.local_heads,
+            selection_query_block=config.selection_query_block,
+            **blocks,
+        )
 
     def replicated_latent_attention(
         self,
@@ -275,7 +338,7 @@ class GlobalCoreAttention(ASACoreAttention):
             **blocks,
         )
         o_slc = nsa_kernels.selected_attention(
-            q, k, v, indices, config.select_block_size,
-            scale=blocks["scale"], cu_seqlens=blocks["cu_seqlens"], backend=blocks["backend"],
+            q, k, v, indices, config.select_block_size, scale=blocks["scale"],
+            cu_seqlens=blocks["cu_seqlens"], q_offset=blocks["q_offset"], backend=blocks["backend"],
         )
         return gates[..., :1] * o_cmp + gates[..., 1:] * o_slc

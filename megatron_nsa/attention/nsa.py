@@ -5,6 +5,9 @@ per-KV-head compressed keys and values (one compressor for K, one for V, applied
 RoPE-rotated keys), the selection branch to the top-n blocks chosen by the compressed
 scores (shared by the query heads of a KV head), and the window branch to the last
 config.sliding_window_size tokens. [g_cmp, g_slc, g_win] = sigmoid(W_g x) per head.
+
+Context parallelism: keys and values are all-gathered over the CP group (see dense.py), so
+every branch, the window included, reads the whole sequence at each chunk's offset.
 """
 
 from __future__ import annotations
@@ -15,9 +18,18 @@ import nsa_kernels
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from nsa_kernels import compressed_cu_seqlens, num_compressed_blocks
 
 from ..config import ASATransformerConfig
-from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
+from ..context_parallel import QueryPiece
+from .base import (
+    ASACoreAttention,
+    ASASelfAttention,
+    TokenLayout,
+    packed_cu_seqlens,
+    query_chunks,
+    tp_partition,
+)
 from .dense import GQAProjectionMixin
 from .rope import default_softmax_scale
 
@@ -72,10 +84,18 @@ class NSASelfAttention(GQAProjectionMixin, ASASelfAttention):
         tokens: TokenLayout,
         packed_seq_params: PackedSeqParams | None,
     ) -> torch.Tensor:
+        cp = tokens.cp
         query, key, value = self.qkv(hidden_states, tokens)
+        if cp is not None:
+            pending = self.start_kv_gather(key, value, cp)
         gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 3]
         gates = torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 3)
-        return self.run_core(query, key, value, packed_seq_params, gates)
+        if cp is None:
+            return self.run_core(query, key, value, packed_seq_params, gates)
+        key, value = self.gathered_kv(pending)
+        return self.run_core(
+            query, key, value, packed_seq_params, gates, pieces=cp.causal_pieces()
+        )
 
 
 @dataclass
@@ -112,13 +132,49 @@ class NSACoreAttention(ASACoreAttention):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         gates: torch.Tensor | None = None,
+        pieces: list[QueryPiece] | None = None,
     ) -> torch.Tensor:
-        """query [s, b, H, d], key, value [s, b, G, d], gates [s, b, H, 3] -> [s, b, H * d]."""
+        """query [s, b, H, d], key, value [S, b, G, d], gates [s, b, H, 3] -> [s, b, H * d];
+        S = s, or the whole sequence under context parallelism, read by the query `pieces`."""
         config = self.config
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
         q, k, v, gates = self.to_batch_major(query, key, value, gates)
         k_cmp, v_cmp = self.compress_k(k, cu_seqlens), self.compress_v(v, cu_seqlens)
-        out = nsa_kernels.nsa_attention(
+        if pieces is None:
+            return self.to_sequence_major(
+                self.branches(q, k, v, k_cmp, v_cmp, gates, cu_seqlens)
+            )
+        cmp_starts = [0] if cu_seqlens is None else compressed_cu_seqlens(
+            cu_seqlens, config.compress_block_size, config.compress_stride
+        ).tolist()
+
+        def attend(piece: QueryPiece) -> torch.Tensor:
+            first = cmp_starts[piece.doc]
+            blocks = slice(first, first + num_compressed_blocks(
+                piece.k_len, config.compress_block_size, config.compress_stride
+            ))
+            return self.branches(
+                q[:, piece.queries], k[:, piece.keys], v[:, piece.keys], k_cmp[:, blocks],
+                v_cmp[:, blocks], gates[:, piece.queries], None, piece.q_offset,
+            )
+
+        return self.to_sequence_major(query_chunks(q, pieces, attend))
+
+    def branches(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cmp: torch.Tensor,
+        v_cmp: torch.Tensor,
+        gates: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        q_offset: int = 0,
+    ) -> torch.Tensor:
+        """The three gated branches for queries q [b, t, H, d] at positions q_offset + i of
+        k, v [b, q_offset + t, G, d] and their compressed blocks -> [b, t, H, d]."""
+        config = self.config
+        return nsa_kernels.nsa_attention(
             q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1],
             block_size=config.compress_block_size,
             stride=config.compress_stride,
@@ -129,6 +185,6 @@ class NSACoreAttention(ASACoreAttention):
             gate_window=gates[..., 2],
             scale=self.softmax_scale,
             cu_seqlens=cu_seqlens,
+            q_offset=q_offset,
             backend=self.backend,
         )
-        return self.to_sequence_major(out)

@@ -126,7 +126,7 @@ def attention_refuses_layouts_it_cannot_split(rank, world_size):
     parallel_state.initialize_model_parallel(1, 1, context_parallel_size=2)
     for kind in "LGDN":
         expect_error(
-            NotImplementedError, "context parallelism",
+            ValueError, "context-parallel group has 2 ranks but config.context_parallel_size=1",
             build_attention, tiny_config(attention_pattern=kind, num_query_groups=2), kind,
         )
 

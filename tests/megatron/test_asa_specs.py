@@ -96,10 +96,13 @@ def test_single_layer_spec_of_each_kind():
         get_asa_layer_spec(config, "X", use_transformer_engine=False)
 
 
-def test_context_parallelism_is_refused_until_it_is_implemented():
-    config = make(context_parallel_size=2)
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        get_asa_decoder_block_spec(config, False, pp_rank=0)
+def test_context_parallel_specs_are_the_same_layers():
+    """CP is handled inside the attention modules: the specs do not change with it."""
+    plain = get_asa_decoder_block_spec(make(), False, pp_rank=0)
+    split = get_asa_decoder_block_spec(make(context_parallel_size=2), False, pp_rank=0)
+    assert [spec.submodules.self_attention.module for spec in split.layer_specs] == [
+        spec.submodules.self_attention.module for spec in plain.layer_specs
+    ]
 
 
 def test_sequence_parallel_needs_a_norm_that_supports_it():

@@ -64,12 +64,13 @@ def tiny_config(
 
 
 def init_parallel(config: ASATransformerConfig, seed: int = 1234) -> None:
-    """(Re)initialize parallel_state for the config's TP/PP layout, then seed."""
+    """(Re)initialize parallel_state for the config's TP/PP/CP layout, then seed."""
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         config.tensor_model_parallel_size,
         config.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
+        context_parallel_size=config.context_parallel_size,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -173,8 +174,12 @@ def forward_backward(
     outputs = []
 
     def loss_func(output: torch.Tensor):
+        # (sum, tokens, report): Megatron divides by this rank's tokens, so under context
+        # parallelism each rank's share is its own mean and the gradients' average over
+        # the CP group is the gradient of the mean over the whole sequence.
         outputs.append(output.detach())
-        return output.float().mean(), {"loss": output.float().mean().detach()}
+        loss = output.float()
+        return loss.sum(), torch.tensor(loss.numel()), {"loss": loss.mean().detach()}
 
     def step(data_iterator, model):
         item = next(data_iterator)
