@@ -58,7 +58,8 @@ class ASATransformerConfig(MLATransformerConfig):
     """n: selection blocks per query (block 0 and the 2 most recent are always among them)."""
 
     selection_query_block: int = 1
-    """q: consecutive queries that share one selection (the ASA paper uses 4); divides l'."""
+    """q: consecutive queries that share the selection of their first query (the ASA paper
+    uses 4); divides l'."""
 
     global_num_latent_heads: int = 2
     """h_c: GLA latent heads in global layers; each serves H / h_c query heads."""

@@ -64,11 +64,14 @@ class TileConfig:
 def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) -> TileConfig:
     """In the CPU interpreter every op costs about the same whatever its size: large query
     tiles (fewer programs). On a GPU, 32-row dK/dV steps for fp32 or wide heads (registers),
-    64 otherwise."""
+    64 otherwise; heads split into tiles (latent-absorbed 576/512) are not pipelined, as two
+    stages of their tiles pass sm_90's shared memory."""
     if device.type != "cuda":
         return TileConfig(block_q=16, dkv_rows=32, num_stages=1)
     if dtype == torch.float32:
         return TileConfig(dkv_rows=32, num_stages=1)
+    if max(dk, dv) > TileConfig.head_tile:
+        return TileConfig(dkv_rows=32, bwd_warps=8, num_stages=1)
     if max(dk, dv) > 128:
         return TileConfig(dkv_rows=32, bwd_warps=8)
     return TileConfig()

@@ -7,8 +7,11 @@ strides (Eq. 9 with s | l and s | l'). The heads that share one selection (a GQA
 or a GLA latent head) sum their scores (Eq. 10). Then each query keeps the top n blocks
 among those it may see (j <= t // l'), always including block 0 and the two most recent
 blocks; ties go to the more recent block. With `selection_query_block` q > 1, the q
-consecutive queries [m*q, (m+1)*q) sum their scores and share one selection. With `q_offset`
-o the queries sit at positions o + i (o a multiple of q, so query blocks stay whole).
+consecutive queries [m*q, (m+1)*q) share the selection of their first query m*q: it is the
+only member whose scores are causal for all of them (summing the members' scores, as some
+NSA implementations do, lets query m*q see the queries of later tokens). q divides l', so the
+members share the current block too. With `q_offset` o the queries sit at positions o + i
+(o a multiple of q, so query blocks stay whole).
 """
 
 from __future__ import annotations
@@ -106,13 +109,10 @@ def _top_n(
     selection_query_block: int,
     q_offset: int = 0,
 ) -> torch.Tensor:
-    batch, seqlen, groups, num_slc = score.shape
+    seqlen, num_slc = score.shape[1], score.shape[3]
     qb = selection_query_block
-    if qb > 1:
-        pad = -seqlen % qb
-        score = torch.nn.functional.pad(score, (0, 0, 0, 0, 0, pad))
-        score = score.view(batch, -1, qb, groups, num_slc).sum(2)  # [B, T/q, HI, M]
-        score = score.repeat_interleave(qb, dim=1)[:, :seqlen]
+    if qb > 1:  # every member takes the scores of its block's first query
+        score = score[:, ::qb].repeat_interleave(qb, dim=1)[:, :seqlen]
     t = q_offset + torch.arange(seqlen, device=score.device)[:, None]  # [T, 1] positions
     current = t // select_block_size
     j = torch.arange(num_slc, device=score.device)[None, :]  # [1, M]

@@ -1,11 +1,12 @@
 """Triton kernel for block importance and top-n selection, without a T x N score matrix.
 
 A program owns a tile of query blocks (selection_query_block consecutive queries each) and one
-selection group. It walks the selection blocks its queries may pick in steps of W (the running
-top-n width, a power of two >= n). For each step it recomputes, per head of the group,
-p_cmp = exp(q . k_cmp * scale - lse) over the W * l'/s compressed blocks that start inside the
-step, with the log-sum-exp of compressed attention (passed in, or computed in a first pass),
-sums them over the heads and over the queries of each query block, and maps them onto the
+selection group. A query block shares the selection of its first query (the reference explains
+why), so the program scores only those rows. It walks the selection blocks they may pick in
+steps of W (the running top-n width, a power of two >= n). For each step it recomputes, per
+head of the group, p_cmp = exp(q . k_cmp * scale - lse) over the W * l'/s compressed blocks
+that start inside the step, with the log-sum-exp of compressed attention (passed in, or
+computed in a first pass), sums them over the heads, and maps them onto the
 step's selection blocks with the overlap weights (in strides). A compressed block that reaches
 past the step adds its share to the next step's first block (l <= l', so it reaches at most
 one block further). Forced and causal rules follow, and the step's W candidates are merged
@@ -43,7 +44,7 @@ from ..utils import softmax_scale
 class SelectConfig:
     """Tile sizes of the selection kernel; `default_select_config` picks them per device."""
 
-    rows: int = 64  # query rows per program (rounded to whole query blocks, >= 16 blocks)
+    rows: int = 64  # query blocks per program (scored by their first query)
     min_width: int = 16  # smallest running top-n width (selection blocks per step)
     min_blocks: int = 16  # smallest number of query blocks per program (dot operand >= 16)
     head_tile: int = 256  # head dims up to this (padded) are read whole, wider in chunks
@@ -117,7 +118,7 @@ def _select_kernel(
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     STRIDES: tl.constexpr, TOP_N: tl.constexpr,
     QUERY_BLOCK: tl.constexpr, QUERY_BLOCK_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, WIDTH: tl.constexpr, LOG_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, LOG_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
     DK: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
     PACKED: tl.constexpr, PRECISION: tl.constexpr,
@@ -136,18 +137,14 @@ def _select_kernel(
     else:
         tile, bos, length, cbos, n_cmp = pid_tile, 0, seq_len, 0, num_cmp
 
-    # Rows: query block m (BLOCK_M of them) x member u (padded to QUERY_BLOCK_P).
-    r = tl.arange(0, BLOCK_T)
-    u = r % QUERY_BLOCK_P
-    t = (tile * BLOCK_M + r // QUERY_BLOCK_P) * QUERY_BLOCK + u  # [BT] positions
-    t_ok = (u < QUERY_BLOCK) & (t < length)
-    q_rows = (bos + t).to(tl.int64) * stride_qt
-    l_rows = (bos + t).to(tl.int64) * stride_lt
-    first_t = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) * QUERY_BLOCK  # [BM] first query
+    # Rows: the first query of each of the BLOCK_M query blocks.
+    first_t = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) * QUERY_BLOCK  # [BM] positions
     block_ok = first_t < length
+    q_rows = (bos + first_t).to(tl.int64) * stride_qt
+    l_rows = (bos + first_t).to(tl.int64) * stride_lt
     current = (q_offset + first_t) // SEL_BLOCK  # [BM] the selection block holding the queries
-    last_t = tl.minimum((tile + 1) * BLOCK_M * QUERY_BLOCK, length) - 1
-    n_sel = (q_offset + last_t) // SEL_BLOCK + 1  # selection blocks any query may pick
+    last_t = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) * QUERY_BLOCK, length - 1)
+    n_sel = (q_offset + last_t) // SEL_BLOCK + 1  # selection blocks any row may pick
 
     offs_c = tl.arange(0, BLOCK_C)
     offs_w = tl.arange(0, WIDTH)
@@ -156,24 +153,23 @@ def _select_kernel(
     for j0 in range(0, n_sel, WIDTH):
         i = j0 * STRIDES + offs_c  # compressed blocks starting in selection blocks j0..j0+W
         i_ok = (offs_c < WIDTH * STRIDES) & (i < n_cmp)
-        visible = i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + t[:, None]
-        visible = visible & i_ok[None, :]
-        visible = visible & t_ok[:, None]  # [BT, BC]
+        visible = i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + first_t[:, None]
+        visible = visible & i_ok[None, :] & block_ok[:, None]  # [BM, BC]
         k_rows = (cbos + i).to(tl.int64) * stride_kn
-        probs = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        probs = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for g in range(GROUP_SEL):
             h = (group * GROUP_SEL + g).to(tl.int64)
             q_base = q + b * stride_qb + h * stride_qh
             k_base = k + b * stride_kb + (h // GROUP_KV) * stride_kh
             s = _dot_rows(
-                q_base, q_rows, t_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
-                DK, BLOCK_DK, NUM_DK, BLOCK_T, BLOCK_C, PRECISION,
+                q_base, q_rows, block_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
+                DK, BLOCK_DK, NUM_DK, BLOCK_M, BLOCK_C, PRECISION,
             )
-            lse_t = tl.load(lse + b * stride_lb + l_rows + h * stride_lh, mask=t_ok, other=0.0)
+            lse_t = tl.load(
+                lse + b * stride_lb + l_rows + h * stride_lh, mask=block_ok, other=0.0
+            )
             lse_t = tl.where(lse_t == float("-inf"), 0.0, lse_t * LOG2E)
             probs += tl.where(visible, tl.exp2(s * scale_log2 - lse_t[:, None]), 0.0)
-        # [BM, BC]: summed over the queries of each query block
-        probs = tl.sum(tl.reshape(probs, [BLOCK_M, QUERY_BLOCK_P, BLOCK_C]), axis=1)
 
         j = j0 + offs_w  # [W] selection blocks of this step
         weight = _overlap(i[:, None], j[None, :], CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)  # [BC, W]
@@ -242,8 +238,7 @@ def select_blocks(
     out = torch.empty(batch, seqlen, groups, top_n, dtype=torch.int32, device=q.device)
 
     qb = selection_query_block
-    qb_padded = triton.next_power_of_2(qb)
-    block_m = max(cfg.min_blocks, max(cfg.rows, qb_padded) // qb_padded)
+    block_m = max(cfg.min_blocks, cfg.rows)
     width = max(cfg.min_width, triton.next_power_of_2(top_n))
     layout = SeqLayout.build(seqlen, block_size, stride, cu_seqlens)
     tiles, n_tiles = layout.tiles(block_m * qb, q.device)
@@ -256,8 +251,9 @@ def select_blocks(
         seqlen, k_cmp.shape[1], q_offset, scale * LOG2E_VALUE,
         HI=groups, GROUP_KV=heads // kv_heads, GROUP_SEL=heads // groups,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, SEL_BLOCK=select_block_size,
-        STRIDES=select_block_size // stride, TOP_N=top_n, QUERY_BLOCK=qb, QUERY_BLOCK_P=qb_padded,
-        BLOCK_M=block_m, BLOCK_T=block_m * qb_padded, WIDTH=width, LOG_W=width.bit_length() - 1,
+        STRIDES=select_block_size // stride, TOP_N=top_n,
+        QUERY_BLOCK=qb, QUERY_BLOCK_P=triton.next_power_of_2(qb),
+        BLOCK_M=block_m, WIDTH=width, LOG_W=width.bit_length() - 1,
         BLOCK_C=max(16, triton.next_power_of_2(width * (select_block_size // stride))),
         DK=dk, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks,
         PACKED=layout.packed, PRECISION=dot_precision(q.dtype),

@@ -96,13 +96,13 @@ def top_n_blocks(
 
 @dataclass
 class SelectionCarry:
-    """Scores of the queries of a selection query block that continues in the next forward."""
+    """Scores of the selection query block that continues in the next forward."""
 
     group: torch.Tensor
     """[B] index of the query block (position // selection_query_block); -1 for none."""
 
     score: torch.Tensor
-    """[B, HI, M] summed scores of its queries seen so far."""
+    """[B, HI, M] scores of its first query (zero while that query has not been seen)."""
 
 
 def share_over_query_blocks(
@@ -112,14 +112,15 @@ def share_over_query_blocks(
     query_block: int,
     carry: SelectionCarry | None,
 ) -> tuple[torch.Tensor, SelectionCarry]:
-    """Sum the scores [B, T, HI, M] of the queries of each block of `query_block`
-    consecutive positions, so they share one selection (padding contributes nothing).
+    """Give every query of a block of `query_block` consecutive positions the scores
+    [B, T, HI, M] of the block's first query, so they share its selection causally, as the
+    kernels do in training (padding contributes nothing).
 
-    Within one forward a block sums all its queries, as in training; a block started in an
-    earlier forward adds that forward's sum (`carry`), which is all a generating model can
-    know of it. Returns the shared scores and the carry for the next forward."""
+    A block whose first query came in an earlier forward takes that query's scores from
+    `carry`. Returns the shared scores and the carry for the next forward."""
     batch, _, heads, num_slc = score.shape
-    score = score.masked_fill(~valid[:, :, None, None], 0.0)
+    first_query = valid & (positions % query_block == 0)  # [B, T]
+    score = score.masked_fill(~first_query[:, :, None, None], 0.0)
     group = torch.div(positions, query_block, rounding_mode="floor")  # [B, T]
     first = group[:, :1]
     rel = (group - first).clamp(min=0)

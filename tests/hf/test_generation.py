@@ -30,6 +30,7 @@ VARIANTS = {
         tie_word_embeddings=True,
     ),
     "one_latent_head_partial_rope": dict(global_num_latent_heads=1, rotary_percent=0.5),
+    "four_queries_per_selection": dict(selection_query_block=4, select_top_n=3),
 }
 
 

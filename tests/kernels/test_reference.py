@@ -277,6 +277,30 @@ def test_query_block_shares_one_selection_per_group():
         assert (group == group[0]).all()
 
 
+@pytest.mark.parametrize("qb", [1, 2, 4])
+def test_selection_and_attention_are_causal(qb):
+    """Changing the queries, keys and values of positions > t leaves the selection and the
+    output at every position <= t unchanged, query blocks included."""
+    l, s, lp, t = 4, 2, 8, 45
+    q, k, v = qkv(batch=1, seqlen=64)
+    late = torch.arange(64) > t
+    q2, k2, v2 = (torch.where(late[None, :, None, None], x + 5 * torch.randn_like(x), x)
+                  for x in (q, k, v))
+    gates = torch.rand(1, 64, q.shape[2], dtype=q.dtype)
+    kw = dict(block_size=l, stride=s, select_block_size=lp, top_n=4, selection_query_block=qb)
+    idx, idx2 = (
+        ref.select_blocks(q_, nsa_kernels.compress_mean(k_, l, s), l, s, lp, 4, None, qb)
+        for q_, k_ in ((q, k), (q2, k2))
+    )
+    assert torch.equal(idx[:, : t + 1], idx2[:, : t + 1])
+    out, out2 = (
+        ref.nsa_attention(q_, k_, v_, nsa_kernels.compress_mean(k_, l, s),
+                          nsa_kernels.compress_mean(v_, l, s), gates, gates, **kw)
+        for q_, k_, v_ in ((q, k, v), (q2, k2, v2))
+    )
+    torch.testing.assert_close(out[:, : t + 1], out2[:, : t + 1], rtol=0, atol=1e-12)
+
+
 # --- packed sequences ---------------------------------------------------------------------
 
 LENGTHS = [1, 9, 22, 5]

@@ -121,6 +121,21 @@ def test_query_block_not_a_power_of_two():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_later_queries_do_not_change_the_selection(query_block):
+    """A query block shares its first query's selection: the selection of position t does not
+    depend on the queries after t (summing the block's scores would make it)."""
+    q, k = make_inputs(1, 64, 4, 2, 16, (4, 2), seed=5)
+    t = 45
+    q2 = q.clone()
+    q2[:, t + 1 :] = torch.randn_like(q2[:, t + 1 :]) * 4
+    args = (4, 2, 8, 4, 2, query_block)
+    got = triton_op.select_blocks(q, k, *args)
+    got2 = triton_op.select_blocks(q2, k, *args)
+    assert torch.equal(got[:, : t + 1], got2[:, : t + 1])
+    assert torch.equal(got, reference.select_blocks(q, k, *args))
+
+
 def test_lse_from_compressed_attention_is_reused():
     """Passing compressed attention's LSE gives the same selection as recomputing it."""
     q, k = make_inputs(2, 40, 4, 2, 16, (4, 2), seed=14)
@@ -150,12 +165,10 @@ def as_sets(indices: torch.Tensor, num_blocks: int) -> torch.Tensor:
 
 
 def pooled_scores(score: torch.Tensor, query_block: int) -> torch.Tensor:
-    """Reference scores [B, T, HI, M] summed over each query block, as the reference pools."""
-    batch, seqlen, groups, blocks = score.shape
-    pad = -seqlen % query_block
-    score = torch.nn.functional.pad(score, (0, 0, 0, 0, 0, pad))
-    score = score.view(batch, -1, query_block, groups, blocks).sum(2)
-    return score.repeat_interleave(query_block, dim=1)[:, :seqlen]
+    """Reference scores [B, T, HI, M] of each query block's first query, as the reference
+    shares them."""
+    seqlen = score.shape[1]
+    return score[:, ::query_block].repeat_interleave(query_block, dim=1)[:, :seqlen]
 
 
 @pytest.mark.gpu
