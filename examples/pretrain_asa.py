@@ -8,7 +8,10 @@
 One process per GPU with NCCL, or CPU processes with gloo when CUDA is unavailable (then
 megatron-core's CUDA calls get CPU stand-ins from examples/cpu_compat.py). Megatron's DDP,
 distributed optimizer, warmup + cosine schedule and pipeline schedules; checkpoints are
-`dist_checkpointing` folders that load at another TP/PP layout.
+`dist_checkpointing` folders that load at another TP/PP layout, with the `asa_config.json`
+record that `megatron-nsa export-hf` reads; `--export-hf DIR` converts the final one.
+Bad flags, data or checkpoints fail with one line before any process group is made (or,
+with --prepare-stdlib, right after the corpus is prepared), never during training.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank
 from nsa_kernels import flops
 
 from megatron_nsa import ASATransformerConfig, get_asa_decoder_block_spec
+from megatron_nsa.checkpoint import ASA_CONFIG_FILE, RECORD_FORMAT, TOKENIZER_DIR, config_record
 from megatron_nsa.data import (
     MockTokenizer,
     build_gpt_datasets,
@@ -54,10 +59,13 @@ from megatron_nsa.data import (
     prepare_dataset,
 )
 
-CONFIG_FILE = "asa_config.json"
-TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MOCK_VOCAB_SIZE = 8192
+MODEL_ARGS = dict(
+    share_embeddings_and_output_weights=False,
+    position_embedding_type="rope",  # the ASA layers apply RoPE themselves
+)
+"""GPTModel arguments besides the config; the checkpoint record repeats them."""
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 """The distributed optimizer's layout in checkpoints; megatron-core 0.16's default
 (fully_sharded_model_space) makes tensors dist_checkpointing then rejects."""
@@ -77,6 +85,14 @@ PRESETS: dict[str, dict] = {
         sliding_window_size=512, compress_block_size=32, compress_stride=16,
         select_block_size=64, select_top_n=16, selection_query_block=4,
     ),
+    "30m": dict(
+        num_layers=8, hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8,
+        num_query_groups=2, kv_lora_rank=256, qk_head_dim=64, qk_pos_emb_head_dim=32,
+        v_head_dim=64, global_num_latent_heads=2, global_kv_lora_rank=128,
+        sliding_window_size=512, compress_block_size=32, compress_stride=16,
+        select_block_size=64, select_top_n=16, selection_query_block=4,
+        compress_mlp_hidden_size=64,
+    ),
     "1.3b": dict(
         num_layers=24, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=16,
         num_query_groups=4, kv_lora_rank=512, qk_head_dim=128, qk_pos_emb_head_dim=64,
@@ -90,6 +106,7 @@ PRESETS: dict[str, dict] = {
 PRESET_TRAINING = {
     "tiny": dict(seq_length=512, lr=3e-3, lr_warmup_iters=2, mock_vocab_size=1024),
     "350m": dict(seq_length=8192, lr=3e-4, lr_warmup_iters=500, mock_vocab_size=MOCK_VOCAB_SIZE),
+    "30m": dict(seq_length=8192, lr=1e-3, lr_warmup_iters=20, mock_vocab_size=MOCK_VOCAB_SIZE),
     "1.3b": dict(seq_length=8192, lr=2e-4, lr_warmup_iters=500, mock_vocab_size=MOCK_VOCAB_SIZE),
 }
 
@@ -152,6 +169,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     log.add_argument("--load", type=Path, help="resume from this checkpoint folder")
     log.add_argument("--tensorboard", type=Path, help="TensorBoard log folder")
     log.add_argument("--log-file", type=Path, help="one JSON line of metrics per step")
+    log.add_argument(
+        "--log-interval", type=int, default=1,
+        help="print every N steps (--log-file and TensorBoard get every step)",
+    )
+    log.add_argument(
+        "--export-hf", type=Path,
+        help="after the final save, convert it to a Hugging Face folder here (needs --save)",
+    )
     return parser.parse_args(argv)
 
 
@@ -185,18 +210,57 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def architecture(args: argparse.Namespace, vocab_size: int) -> dict:
-    """What a checkpoint must agree on to be resumed: the model's shape, ASA fields, data."""
-    return {
-        **PRESETS[args.preset],
-        "attention_pattern": args.pattern,
-        "vocab_size": vocab_size,
-        "seq_length": args.seq_length,
-        "document_mask": args.document_mask,
-    }
+def check_args(args: argparse.Namespace) -> ASATransformerConfig:
+    """Every check the flags and the process count allow, before any file is read or process
+    group made; fills in the preset's sequence length and the global batch size."""
+    args.seq_length = args.seq_length or PRESET_TRAINING[args.preset]["seq_length"]
+    for flag in ("train_iters", "micro_batch_size", "log_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
+    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1  # as init_distributed
+    if world % (tp * pp * cp):
+        raise ValueError(
+            f"{world} process(es) cannot be split into TP x PP x CP = {tp} x {pp} x {cp}: start "
+            f"a multiple of {tp * pp * cp} (torchrun --nproc-per-node)"
+        )
+    dp = world // (tp * pp * cp)
+    global_batch = args.global_batch_size or args.micro_batch_size * dp
+    if global_batch % (args.micro_batch_size * dp):
+        raise ValueError(
+            f"--global-batch-size {global_batch} must be a multiple of micro batch size x "
+            f"data-parallel size = {args.micro_batch_size * dp}"
+        )
+    args.global_batch_size = global_batch
+    config = build_config(args)
+    check_seq_length(args, config)
+    if args.export_hf is not None:
+        check_export(args, config)
+    if args.load is not None:
+        find_checkpoint(args.load)
+    return config
 
 
-def build_config(args: argparse.Namespace, arch: dict) -> ASATransformerConfig:
+def check_export(args: argparse.Namespace, config: ASATransformerConfig) -> None:
+    """--export-hf converts the final checkpoint: it needs --save, a free output folder, the
+    hf extra and a configuration the Hugging Face model can express."""
+    if args.save is None:
+        raise ValueError("--export-hf needs --save: it converts the checkpoint saved at the end")
+    if args.export_hf.exists():
+        raise ValueError(
+            f"--export-hf {args.export_hf} already exists; remove it or name a new folder"
+        )
+    try:
+        from megatron_nsa.hf.config_map import check_expressible
+    except ImportError as error:
+        raise ValueError(
+            f"--export-hf needs the hf extra (pip install -e '.[hf]'): {error}"
+        ) from None
+    check_expressible(checkpoint_record(args, config, vocab_size=0), "--export-hf")
+
+
+def build_config(args: argparse.Namespace) -> ASATransformerConfig:
     cuda = torch.cuda.is_available()
     bf16 = cuda and not args.fp32
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -209,10 +273,9 @@ def build_config(args: argparse.Namespace, arch: dict) -> ASATransformerConfig:
         recompute = dict(
             recompute_granularity="selective", recompute_modules=["core_attn", "mla_up_proj"]
         )
-    model_fields = {k: v for k, v in arch.items() if k not in ("vocab_size", "seq_length",
-                                                              "document_mask")}
     return ASATransformerConfig(
-        **model_fields,
+        **PRESETS[args.preset],
+        attention_pattern=args.pattern,
         q_lora_rank=None,
         normalization="RMSNorm",
         hidden_dropout=0.0,
@@ -228,6 +291,19 @@ def build_config(args: argparse.Namespace, arch: dict) -> ASATransformerConfig:
         use_cpu_initialization=not cuda,
         **recompute,
     )
+
+
+def checkpoint_record(
+    args: argparse.Namespace, config: ASATransformerConfig, vocab_size: int
+) -> dict:
+    """The `asa_config.json` of this run's checkpoints: megatron_nsa's config record (what
+    `megatron-nsa export-hf` reads) plus a "training" entry with what a resumed run must
+    also agree on, the samples' length and document masking. As read back from JSON."""
+    record = config_record(
+        config, vocab_size=vocab_size, max_sequence_length=args.seq_length, **MODEL_ARGS
+    )
+    record["training"] = {"seq_length": args.seq_length, "document_mask": args.document_mask}
+    return json.loads(json.dumps(record))
 
 
 def check_seq_length(args: argparse.Namespace, config: ASATransformerConfig) -> None:
@@ -267,8 +343,7 @@ def build_model(config: ASATransformerConfig, vocab_size: int, seq_length: int,
         seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",  # the ASA layers apply RoPE themselves
+        **MODEL_ARGS,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
@@ -307,16 +382,26 @@ def find_dataset(folder: Path) -> str:
     if len(prefixes) != 1 or not IndexedDataset.exists(str(prefixes[0])):
         raise ValueError(
             f"--data {folder}: no prepared dataset (expected one <name>_text_document.bin/.idx "
-            "and tokenizer/); make one with `python -m megatron_nsa.data.prepare --corpus "
-            f"stdlib|PATH --out {folder}` or pass --prepare-stdlib"
+            "and tokenizer/). If it holds your text files (or pass a .jsonl file), prepare "
+            f"them first: `python -m megatron_nsa.data.prepare --corpus {folder} --out "
+            f"{folder}_prepared`, then pass --data {folder}_prepared; or pass --prepare-stdlib"
         )
     prefix = str(prefixes[0])
-    tokens = int(IndexedDataset(prefix).sequence_lengths.sum())
+    dataset = IndexedDataset(prefix)  # its index memory map lives as long as this object
+    tokens = int(dataset.sequence_lengths.sum())
     if tokens == 0:
         raise ValueError(f"--data {folder}: the dataset {prefix} holds no tokens")
     if not (folder / TOKENIZER_DIR / "tokenizer.json").exists():
         raise ValueError(f"--data {folder}: no tokenizer/ folder next to the dataset")
     return prefix
+
+
+def open_data(args: argparse.Namespace) -> tuple[MegatronTokenizerBase, str | None, Path | None]:
+    """(tokenizer, dataset prefix, tokenizer folder) of --data, or of --mock-data (no files)."""
+    if args.mock_data:
+        return MockTokenizer(PRESET_TRAINING[args.preset]["mock_vocab_size"]), None, None
+    prefix = find_dataset(args.data)
+    return load_tokenizer(args.data / TOKENIZER_DIR), prefix, args.data / TOKENIZER_DIR
 
 
 def prepare_stdlib(args: argparse.Namespace) -> None:
@@ -489,7 +574,7 @@ def sharded_state(chunks, optimizer, scheduler, iteration: int, *, is_loading: b
     return state
 
 
-def save_checkpoint(args, chunks, optimizer, scheduler, iteration: int, arch: dict,
+def save_checkpoint(args, chunks, optimizer, scheduler, iteration: int, record: dict,
                     tokenizer_dir: Path | None) -> Path:
     """Write to a hidden folder, then rename it into place: a crash never leaves a partial
     checkpoint where --load would find it."""
@@ -504,8 +589,9 @@ def save_checkpoint(args, chunks, optimizer, scheduler, iteration: int, arch: di
     dist_checkpointing.save(state, str(scratch))
     dist.barrier()
     if rank0:
-        meta = {"architecture": arch, "layout": layout(), "iteration": iteration}
-        (scratch / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        training = {**record["training"], "layout": layout(), "iteration": iteration}
+        text = json.dumps({**record, "training": training}, indent=2)
+        (scratch / ASA_CONFIG_FILE).write_text(text + "\n")
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, scratch / TOKENIZER_DIR)
         shutil.rmtree(final, ignore_errors=True)
@@ -519,23 +605,47 @@ def save_checkpoint(args, chunks, optimizer, scheduler, iteration: int, arch: di
 
 def find_checkpoint(folder: Path) -> Path:
     """A checkpoint folder itself, or a --save folder (its latest checkpoint)."""
-    if (folder / CONFIG_FILE).exists():
+    if (folder / ASA_CONFIG_FILE).exists():
         return folder
     latest = folder / LATEST_FILE
-    if latest.exists():
-        return folder / f"iter_{int(latest.read_text()):07d}"
-    raise ValueError(f"--load {folder}: no checkpoint there (no {CONFIG_FILE} or {LATEST_FILE})")
+    if not latest.exists():
+        raise ValueError(
+            f"--load {folder}: no checkpoint there (no {ASA_CONFIG_FILE} or {LATEST_FILE})"
+        )
+    text = latest.read_text().strip()
+    path = folder / f"iter_{int(text):07d}" if text.isdigit() else None
+    if path is None or not (path / ASA_CONFIG_FILE).exists():
+        raise ValueError(
+            f"--load {folder}: {LATEST_FILE} holds {text!r}, which names no checkpoint of "
+            "this script with its " + ASA_CONFIG_FILE
+        )
+    return path
 
 
-def check_checkpoint_config(path: Path, arch: dict) -> dict:
-    """Refuse, before training, a checkpoint of another model; return its metadata."""
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    saved = meta["architecture"]
-    differ = sorted(k for k in set(saved) | set(arch) if saved.get(k) != arch.get(k))
+def resume_fields(record: dict) -> dict:
+    """What a resumed run must share with its checkpoint: the model and the samples."""
+    training = record["training"]
+    return {
+        **record["config"], **record["model"],
+        "seq_length": training["seq_length"], "document_mask": training["document_mask"],
+    }
+
+
+def check_checkpoint_config(path: Path, record: dict) -> dict:
+    """Refuse, before training, a checkpoint of another model; return its record."""
+    saved = json.loads((path / ASA_CONFIG_FILE).read_text())
+    if saved.get("format") != RECORD_FORMAT or "training" not in saved:
+        raise ValueError(
+            f"--load {path}: {ASA_CONFIG_FILE} is not a record of this script (format "
+            f"{saved.get('format')!r}, training state {'training' in saved}); resume only "
+            "from checkpoints that pretrain_asa.py --save wrote"
+        )
+    old, new = resume_fields(saved), resume_fields(record)
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differ:
-        lines = ", ".join(f"{k}: saved {saved.get(k)!r}, now {arch.get(k)!r}" for k in differ)
+        lines = ", ".join(f"{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
         raise ValueError(f"--load {path}: the checkpoint is of another configuration ({lines})")
-    return meta
+    return saved
 
 
 def init_optimizer_state(optimizer) -> None:
@@ -573,7 +683,7 @@ def restore_adam_steps(optimizer) -> None:
 
 def load_checkpoint(path: Path, meta: dict, chunks, optimizer, scheduler) -> int:
     init_optimizer_state(optimizer)
-    same_layout = meta["layout"] == layout()
+    same_layout = meta["training"]["layout"] == layout()
     state = sharded_state(chunks, optimizer, scheduler, 0, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(path))
     unwrap(chunks[0]).load_state_dict(loaded["model"])
@@ -642,35 +752,34 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def check_inputs(
+    args: argparse.Namespace, config: ASATransformerConfig
+) -> tuple[tuple, dict, Path | None, dict | None]:
+    """The data, this run's checkpoint record, and the checkpoint to resume from with its
+    record (None, None without --load), each checked against the flags."""
+    data = open_data(args)
+    vocab = padded_vocab_size(data[0].vocab_size, args.tensor_model_parallel_size)
+    record = checkpoint_record(args, config, vocab)
+    if args.load is None:
+        return data, record, None, None
+    checkpoint = find_checkpoint(args.load)
+    return data, record, checkpoint, check_checkpoint_config(checkpoint, record)
+
+
 def train(args: argparse.Namespace) -> list[float]:
     """Train; returns the loss of every step this run took (on every rank)."""
+    config = check_args(args)
+    # Data already there is checked before starting; a corpus to prepare, once prepared.
+    checked = None if args.prepare_stdlib else check_inputs(args, config)
     device = init_distributed(args)
+    if checked is None:
+        prepare_stdlib(args)
+        checked = check_inputs(args, config)
+    (tokenizer, prefix, tokenizer_dir), record, checkpoint, meta = checked
+    vocab = record["model"]["vocab_size"]
     training = PRESET_TRAINING[args.preset]
-    args.seq_length = args.seq_length or training["seq_length"]
+    global_batch = args.global_batch_size
     dp = parallel_state.get_data_parallel_world_size()
-    global_batch = args.global_batch_size or args.micro_batch_size * dp
-    if global_batch % (args.micro_batch_size * dp):
-        raise ValueError(
-            f"--global-batch-size {global_batch} must be a multiple of micro batch size x "
-            f"data-parallel size = {args.micro_batch_size * dp}"
-        )
-
-    if args.mock_data:
-        tokenizer, prefix, tokenizer_dir = MockTokenizer(training["mock_vocab_size"]), None, None
-    else:
-        if args.prepare_stdlib:
-            prepare_stdlib(args)
-        prefix = find_dataset(args.data)
-        tokenizer_dir = args.data / TOKENIZER_DIR
-        tokenizer = load_tokenizer(tokenizer_dir)
-    vocab = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
-    arch = architecture(args, vocab)
-    config = build_config(args, arch)
-    check_seq_length(args, config)
-    checkpoint = meta = None
-    if args.load is not None:
-        checkpoint = find_checkpoint(args.load)
-        meta = check_checkpoint_config(checkpoint, arch)
 
     evals = args.train_iters // args.eval_interval if args.eval_interval else 0
     train_set, valid_set = build_gpt_datasets(
@@ -733,6 +842,7 @@ def train(args: argparse.Namespace) -> list[float]:
     batches = Batches(train_set, args, global_batch)
     valid_batches = Batches(valid_set, args, global_batch) if evals else None
     losses = []
+    final = checkpoint  # the checkpoint holding the weights this run ends with
     while iteration < args.train_iters:
         for chunk in chunks:
             chunk.train()
@@ -747,7 +857,7 @@ def train(args: argparse.Namespace) -> list[float]:
         iteration += 1
         losses.append(loss)
         metrics = {
-            "step": iteration, "loss": loss, "lr": lr_now,
+            "step": iteration, "tokens": iteration * tokens_per_step, "loss": loss, "lr": lr_now,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_step / seconds,
             "tflops_sparse": flops_sparse / seconds / world / 1e12,
@@ -757,21 +867,36 @@ def train(args: argparse.Namespace) -> list[float]:
         if valid_batches is not None and iteration % args.eval_interval == 0:
             metrics["eval_loss"] = evaluate(chunks, valid_batches, device, args)
         if logger:
-            log_step(metrics, args.train_iters, writer, log_file)
+            echo = (
+                iteration % args.log_interval == 0 or iteration == args.train_iters
+                or "eval_loss" in metrics
+            )
+            log_step(metrics, args.train_iters, writer, log_file, echo)
         if args.save is not None and (
             iteration == args.train_iters
             or (args.save_interval and iteration % args.save_interval == 0)
         ):
-            path = save_checkpoint(
-                args, chunks, optimizer, scheduler, iteration, arch, tokenizer_dir
+            final = save_checkpoint(
+                args, chunks, optimizer, scheduler, iteration, record, tokenizer_dir
             )
             if logger:
-                print(f"saved {path}", flush=True)
+                print(f"saved {final}", flush=True)
     if writer is not None:
         writer.close()
     if log_file is not None:
         log_file.close()
+    if args.export_hf is not None and rank == 0:
+        export(final, args.export_hf)
     return losses
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """Convert a checkpoint as `megatron-nsa export-hf` does (the other ranks may exit)."""
+    from megatron_nsa.hf import export_hf
+
+    start = time.perf_counter()
+    export_hf(checkpoint, out)
+    print(f"exported {checkpoint} to {out} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def evaluate(chunks, valid_batches: Batches, device: torch.device, args) -> float:
@@ -786,7 +911,7 @@ def evaluate(chunks, valid_batches: Batches, device: torch.device, args) -> floa
     return sum(losses) / len(losses)
 
 
-def log_step(metrics: dict, total: int, writer, log_file) -> None:
+def log_step(metrics: dict, total: int, writer, log_file, echo: bool = True) -> None:
     line = (
         f"step {metrics['step']}/{total} | loss {metrics['loss']:.6f} | lr {metrics['lr']:.3e} | "
         f"{metrics['tokens_per_s']:,.0f} tok/s | TFLOP/s/GPU {metrics['tflops_sparse']:.2f} "
@@ -795,7 +920,8 @@ def log_step(metrics: dict, total: int, writer, log_file) -> None:
     )
     if "eval_loss" in metrics:
         line += f" | eval loss {metrics['eval_loss']:.6f}"
-    print(line, flush=True)
+    if echo:
+        print(line, flush=True)
     if writer is not None:
         for key, value in metrics.items():
             if key != "step" and value is not None:
@@ -810,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (ValueError, NotImplementedError) as error:
+    except (ValueError, NotImplementedError, FileExistsError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

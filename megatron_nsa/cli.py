@@ -3,6 +3,7 @@
     megatron-nsa export-hf --load CKPT_DIR --out HF_DIR [--overwrite] [--dtype bfloat16]
     megatron-nsa import-hf --load HF_DIR --out CKPT_DIR --tensor-parallel-size N \
         --pipeline-parallel-size M [--overwrite]
+    megatron-nsa evaluate --model HF_DIR --heldout DATA_DIR --out RESULTS_JSON [...]
 
 Bad input (a missing or partial checkpoint, a checkpoint that is not ASA, a configuration
 the other side cannot express, an existing output folder) ends with a one-line error and
@@ -41,10 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--tensor-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-parallel-size", type=int, default=1)
     imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    commands.add_parser(
+        "evaluate", add_help=False,
+        help="held-out loss, passkey retrieval and KV bytes of a Hugging Face model "
+        "(megatron-nsa evaluate --help)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:  # its own parser: megatron_nsa.evaluation.evaluate
+        from .evaluation.evaluate import main as evaluate
+
+        return evaluate(argv[1:], prog="megatron-nsa evaluate")
     args = _parser().parse_args(argv)
     # Imported here: transformers takes seconds to import; --help should not.
     import torch

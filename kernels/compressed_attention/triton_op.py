@@ -65,8 +65,8 @@ def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) ->
         )
     if max(dk, dv) > 256:  # latent-absorbed dims, e.g. 576/512
         return TileConfig(block_t=32, block_n=32, dkv_block_n=32, dkv_block_t=32, num_warps=8)
-    if max(dk, dv) > 128:
-        return TileConfig(block_t=64, block_n=32, num_warps=8)
+    if max(dk, dv) > 128:  # e.g. per-head 192/128; dK/dV steps of 128 queries (swept on H100)
+        return TileConfig(block_t=64, block_n=64, dkv_block_t=128, num_warps=8, num_stages=3)
     return TileConfig()
 
 

@@ -35,6 +35,17 @@ from ..parallel import HeadPartition
 
 
 @dataclass
+class ASASelfAttentionSubmodules:
+    """The submodules every ASA self-attention has; each layer kind adds its projections."""
+
+    core_attention: ModuleSpec | type | None = None
+    """The layer kind's core attention."""
+
+    linear_proj: ModuleSpec | type | None = None
+    """Row-parallel heads * d_v -> hidden."""
+
+
+@dataclass
 class TokenLayout:
     """The tokens of one forward pass, as the attention ops need them."""
 
@@ -98,19 +109,6 @@ def check_context_parallel(
             "(pg_collection.cp / parallel_state.get_context_parallel_group()) and set "
             "context_parallel_size to its size"
         )
-
-
-def query_chunks(
-    query: torch.Tensor, pieces: list[QueryPiece], attend: Callable[[QueryPiece], torch.Tensor]
-) -> torch.Tensor:
-    """Concatenate attend(piece) [b, q_len, ...] over the pieces, which cover query [b, s, ...]
-    in order."""
-    if sum(piece.q_len for piece in pieces) != query.shape[1]:
-        raise ValueError(
-            f"query pieces cover {sum(p.q_len for p in pieces)} tokens, the query has "
-            f"{query.shape[1]}"
-        )
-    return torch.cat([attend(piece) for piece in pieces], dim=1)
 
 
 def tp_partition(
@@ -247,31 +245,37 @@ class ASASelfAttention(MegatronModule):
         key: torch.Tensor,
         value: torch.Tensor,
         packed_seq_params: PackedSeqParams | None,
-        gates: torch.Tensor | None = None,
         checkpoint: bool = True,
         pieces: list[QueryPiece] | None = None,
+        **tensors: torch.Tensor,
     ) -> torch.Tensor:
         """Core attention, recomputed in the backward when "core_attn" recompute is on (and
         `checkpoint`, False inside a larger recomputed region). `pieces`: the query pieces
-        under context parallelism (keys then span more tokens than the query)."""
+        under context parallelism (keys then span more tokens than the query); `tensors`:
+        further inputs of the layer kind's core attention (gates, compressed tokens)."""
+        names = list(tensors)
 
-        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *g: torch.Tensor):
-            extra = {"gates": g[0]} if g else {}
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extra: torch.Tensor):
+            kwargs = dict(zip(names, extra, strict=True))
             if pieces is not None:
-                extra["pieces"] = pieces
+                kwargs["pieces"] = pieces
             return self.core_attention(
                 q, k, v, None, attn_mask_type=self.attn_mask_type,
-                packed_seq_params=packed_seq_params, **extra,
+                packed_seq_params=packed_seq_params, **kwargs,
             )
 
-        args = (query, key, value) if gates is None else (query, key, value, gates)
+        args = (query, key, value, *tensors.values())
         if not checkpoint:
             return run(*args)
         return self.maybe_checkpoint("core_attn", run, *args)
 
+    def recomputes(self, module: str) -> bool:
+        """Whether `module`'s activations are recomputed in the backward (selective)."""
+        return module in self.recompute_modules and self.training
+
     def maybe_checkpoint(self, module: str, fn: Callable, *args: torch.Tensor):
         """fn(*args), with activations recomputed in the backward when `module` is selected."""
-        if module in self.recompute_modules and self.training:
+        if self.recomputes(module):
             return tensor_parallel.checkpoint(fn, False, *args)
         return fn(*args)
 

@@ -16,20 +16,47 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import ASATransformerConfig
-from ..context_parallel import ContextParallelLayout, PendingGather, QueryPiece, start_gather
+from ..context_parallel import (
+    ContextParallelLayout,
+    PendingGather,
+    QueryPiece,
+    run_pieces,
+    start_gather,
+)
 from .base import (
     ASACoreAttention,
     ASASelfAttention,
+    ASASelfAttentionSubmodules,
     TokenLayout,
     packed_cu_seqlens,
-    query_chunks,
 )
 from .rope import Rotary, default_softmax_scale
+
+
+@dataclass
+class DenseSelfAttentionSubmodules(ASASelfAttentionSubmodules):
+    """Submodules of `DenseSelfAttention` (core attention: `DenseCoreAttention`)."""
+
+    linear_qkv: ModuleSpec | type | None = None
+    """Column-parallel GQA projection (see GQAProjectionMixin)."""
 
 
 class GQAProjectionMixin:
     """linear_qkv: column-parallel hidden -> (H + 2 G) * d, grouped per KV head as
     [H/G query heads, key, value] so that a TP split keeps groups whole."""
+
+    def build_gqa(self: ASASelfAttention, submodules: DenseSelfAttentionSubmodules) -> None:
+        """linear_qkv, the core attention on [d] heads, and the output projection."""
+        self.build_qkv(submodules.linear_qkv)
+        self.core_attention = self.build_core_attention(
+            submodules.core_attention,
+            default_softmax_scale(self.config, self.head_dim),
+            self.head_dim,
+            self.head_dim,
+        )
+        self.build_output_projection(
+            submodules.linear_proj, self.config.num_attention_heads * self.head_dim
+        )
 
     def build_qkv(self: ASASelfAttention, spec: ModuleSpec | type) -> None:
         config = self.config
@@ -76,20 +103,6 @@ class GQAProjectionMixin:
         return key, value
 
 
-@dataclass
-class DenseSelfAttentionSubmodules:
-    """Submodules of `DenseSelfAttention`."""
-
-    linear_qkv: ModuleSpec | type | None = None
-    """Column-parallel GQA projection (see GQAProjectionMixin)."""
-
-    core_attention: ModuleSpec | type | None = None
-    """Causal core attention (`DenseCoreAttention`)."""
-
-    linear_proj: ModuleSpec | type | None = None
-    """Row-parallel heads * d -> hidden."""
-
-
 class DenseSelfAttention(GQAProjectionMixin, ASASelfAttention):
     """Full causal GQA attention with RoPE; [s(/TP), b, h] -> ([s(/TP), b, h], bias)."""
 
@@ -102,16 +115,7 @@ class DenseSelfAttention(GQAProjectionMixin, ASASelfAttention):
     ) -> None:
         """kwargs: Megatron's attention arguments (attn_mask_type, pg_collection, ...)."""
         super().__init__(config, layer_number, **kwargs)
-        self.build_qkv(submodules.linear_qkv)
-        self.core_attention = self.build_core_attention(
-            submodules.core_attention,
-            default_softmax_scale(config, self.head_dim),
-            self.head_dim,
-            self.head_dim,
-        )
-        self.build_output_projection(
-            submodules.linear_proj, config.num_attention_heads * self.head_dim
-        )
+        self.build_gqa(submodules)
 
     def attend(
         self,
@@ -151,12 +155,9 @@ class DenseCoreAttention(ASACoreAttention):
         v = value.repeat_interleave(heads // value.shape[2], dim=2).permute(1, 2, 0, 3)
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
         if pieces is not None:
-            out = query_chunks(
-                q.transpose(1, 2), pieces,
-                lambda p: self.causal(
-                    q[:, :, p.queries], k[:, :, p.keys], v[:, :, p.keys], p.q_offset
-                ).transpose(1, 2),
-            ).transpose(1, 2)
+            out = torch.cat(
+                run_pieces(pieces, self.causal, queries=(q,), keys=(k, v), dim=2), dim=2
+            )
         elif cu_seqlens is None:
             out = self.causal(q, k, v)
         else:

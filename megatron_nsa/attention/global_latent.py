@@ -10,12 +10,13 @@ Tensor parallelism: query heads, their up-projections and gates are column paral
 heads move with their query groups (split when h_c >= TP, replicated on TP / h_c ranks
 otherwise, see `LatentDownProjection`); W_KR is duplicated.
 
-Context parallelism: the raw latent tokens, h_c d_c' + d_R values per token (this rank's
-latent heads and the shared k^R), are all-gathered over the CP group into global order,
-started before the query projection so the two overlap. Every rank compresses the whole
-latent sequence itself (cheaper than exchanging compressed tokens whose blocks straddle
-chunks) and scores, selects and attends for its own queries only, one call per chunk at the
-chunk's offset; the gradient of the gathered latents is reduce-scattered back in fp32.
+Context parallelism (docs/context_parallel.md): each rank compresses the blocks whose last
+token it holds (with a halo of the l - 1 latent tokens before each chunk) and the compressed
+tokens are all-gathered; the raw latent tokens, h_c d_c' + d_R values per token (this
+rank's latent heads and the shared k^R), are all-gathered for the selection meanwhile, so
+their gather overlaps the compressed attention and the top-n. Every rank up-projects the
+whole sequence and scores, selects and attends for its own queries only, one call per
+chunk at the chunk's offset; gradients of gathered tokens are reduce-scattered in fp32.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from nsa_kernels import compressed_cu_seqlens, num_compressed_blocks
 
 from ..config import ASATransformerConfig
-from ..context_parallel import QueryPiece, start_gather
+from ..context_parallel import (
+    CompressionPiece,
+    PendingGather,
+    QueryPiece,
+    run_pieces,
+    start_compressed_gather,
+    start_gather,
+    start_halos,
+)
 from ..parallel import (
     HeadPartition,
     gather_from_replicas,
@@ -39,17 +47,10 @@ from ..parallel import (
     param_device,
     replicate_over_tp,
 )
-from .base import (
-    ASACoreAttention,
-    ASASelfAttention,
-    TokenLayout,
-    packed_cu_seqlens,
-    query_chunks,
-    tp_partition,
-)
+from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
 from .linear import partitioned_state_dict
-from .query import LatentQueryMixin
-from .rope import Rotary, default_softmax_scale
+from .query import LatentQueryMixin, LatentQuerySubmodules
+from .rope import Rotary
 
 
 class LatentNorm(MegatronModule):
@@ -79,20 +80,8 @@ class LatentNorm(MegatronModule):
 
 
 @dataclass
-class GlobalSelfAttentionSubmodules:
-    """Submodules of `GlobalSelfAttention`."""
-
-    linear_q_proj: ModuleSpec | type | None = None
-    """Column-parallel hidden -> heads * (d_h + d_R), used when q_lora_rank is None."""
-
-    linear_q_down_proj: ModuleSpec | type | None = None
-    """Duplicated hidden -> q_lora_rank, used when q_lora_rank is set."""
-
-    linear_q_up_proj: ModuleSpec | type | None = None
-    """Column-parallel q_lora_rank -> heads * (d_h + d_R)."""
-
-    q_layernorm: ModuleSpec | type | None = None
-    """Norm of the low-rank query."""
+class GlobalSelfAttentionSubmodules(LatentQuerySubmodules):
+    """Submodules of `GlobalSelfAttention`; the core attention is `GlobalCoreAttention`."""
 
     linear_latent_down_proj: ModuleSpec | type | None = None
     """hidden -> h_c * d_c', by latent head (`LatentDownProjection`)."""
@@ -105,12 +94,6 @@ class GlobalSelfAttentionSubmodules:
 
     linear_gate: ModuleSpec | type | None = None
     """Column-parallel hidden -> heads * 2, the compression and selection gates."""
-
-    core_attention: ModuleSpec | type | None = None
-    """Compression + selection core attention (`GlobalCoreAttention`)."""
-
-    linear_proj: ModuleSpec | type | None = None
-    """Row-parallel heads * d_v -> hidden."""
 
 
 class GlobalSelfAttention(LatentQueryMixin, ASASelfAttention):
@@ -147,16 +130,7 @@ class GlobalSelfAttention(LatentQueryMixin, ASASelfAttention):
             submodules.linear_gate, config.hidden_size, config.num_attention_heads * 2, "gate",
             bias=True,
         )
-        self.rotary = Rotary(config, d_r, self.pg_collection.cp)
-        self.core_attention = self.build_core_attention(
-            submodules.core_attention,
-            default_softmax_scale(config, self.q_head_dim),
-            self.q_head_dim,
-            config.v_head_dim,
-        )
-        self.build_output_projection(
-            submodules.linear_proj, config.num_attention_heads * config.v_head_dim
-        )
+        self.build_rope_core_and_output(submodules)
 
     def attend(
         self,
@@ -164,34 +138,46 @@ class GlobalSelfAttention(LatentQueryMixin, ASASelfAttention):
         tokens: TokenLayout,
         packed_seq_params: PackedSeqParams | None,
     ) -> torch.Tensor:
-        config = self.config
         cp = tokens.cp
         cos, sin = self.rotary.cos_sin(tokens.positions, tokens.length)
         latent, _ = self.linear_latent_down_proj(hidden_states)  # [s, b, h_c_local * d_c']
         latent = self.latent_layernorm(latent.view(*latent.shape[:2], self.latents.local_heads, -1))
         k_rope, _ = self.linear_kr_proj(hidden_states)  # [s(/TP), b, d_R]
         k_rope = replicate_over_tp(
-            k_rope, self.tp_group, config.sequence_parallel, self.latents.replicas
+            k_rope, self.tp_group, self.config.sequence_parallel, self.latents.replicas
         )
-        k_rope = Rotary.rotate(k_rope.unsqueeze(2), cos, sin)  # [s, b, 1, d_R]
-        if cp is not None:
-            flat = torch.cat((latent.flatten(2), k_rope.squeeze(2)), dim=-1)
-            pending = start_gather(flat, cp, self.cp_group, self.layer_number, "latent")
-        query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]
-        gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 2]
-        gates = torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 2)
-        if cp is not None:
-            flat = pending.wait()  # [S, b, h_c_local * d_c' + d_R], global order
-            heads, width = latent.shape[2:]
-            latent, k_rope = flat.split([heads * width, k_rope.shape[-1]], dim=-1)
-            latent = latent.view(*flat.shape[:2], heads, width)
-            k_rope = k_rope.unsqueeze(2)
-        k_rope = k_rope.expand(*latent.shape[:3], -1)
-        latent_tokens = torch.cat((latent, k_rope), dim=-1)  # [S, b, h_c_local, d_c' + d_R]
+        k_rope = Rotary.rotate(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [s, b, d_R]
+        latent = torch.cat((latent.flatten(2), k_rope), dim=-1)  # [s, b, h_c_local * d_c' + d_R]
+        if cp is None:
+            query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]
+            gates = self.gates(hidden_states, query)
+            return self.run_core(query, latent, latent, packed_seq_params, gates=gates)
+        blocks = (self.config.compress_block_size, self.config.compress_stride)
+        halos = start_halos(
+            latent, cp, blocks[0] - 1, self.cp_group, self.layer_number, "compress_halo"
+        )
+        query = self.query(hidden_states, cos, sin)  # overlaps the halo exchange
+        compressed = self.core_attention.compress_chunks(
+            halos.wait(), cp.compression_pieces(*blocks)
+        )  # [blocks this rank owns, b, h_c_local, d_c' + d_R]
+        compressed = start_compressed_gather(
+            compressed, cp, *blocks, self.cp_group, self.layer_number
+        )
+        raw = start_gather(latent, cp, self.cp_group, self.layer_number, "latent")
+        gates = self.gates(hidden_states, query)  # overlaps the gathers
+        compressed = compressed.wait()  # [N, b, h_c_local, d_c' + d_R], global order
+        # The core attention waits for the raw latent after its compressed branch, unless it
+        # is recomputed (a recomputed region takes tensors).
+        keys = raw.wait() if self.recomputes("core_attn") else raw
         return self.run_core(
-            query, latent_tokens, latent_tokens, packed_seq_params, gates,
-            pieces=None if cp is None else cp.causal_pieces(),
+            query, keys, keys, packed_seq_params, pieces=cp.causal_pieces(blocks),
+            gates=gates, compressed=compressed,
         )
+
+    def gates(self, hidden_states: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """[g_cmp, g_slc] = sigmoid(W_g x): [s, b, H, 2] in the query's dtype."""
+        gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 2]
+        return torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 2)
 
 
 @dataclass
@@ -206,11 +192,11 @@ class GlobalCoreAttentionSubmodules:
 
 
 class GlobalCoreAttention(ASACoreAttention):
-    """Compression + selection attention from latent tokens (nsa_kernels.nsa_attention).
+    """Compression + selection attention from latent tokens (the nsa_kernels ops).
 
     Takes the latent tokens rather than per-head keys and values: they are h_c * (d_c' + d_R)
     values per token instead of heads * (d_h + d_R + d_v), which is what context parallelism
-    will exchange between ranks.
+    exchanges between ranks.
     """
 
     def __init__(self, *args, submodules: GlobalCoreAttentionSubmodules, **kwargs) -> None:
@@ -237,108 +223,135 @@ class GlobalCoreAttention(ASACoreAttention):
     def forward(
         self,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: torch.Tensor | PendingGather,
+        value: torch.Tensor | PendingGather,
         attention_mask: torch.Tensor | None,
         attn_mask_type=None,
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         gates: torch.Tensor | None = None,
+        compressed: torch.Tensor | None = None,
         pieces: list[QueryPiece] | None = None,
     ) -> torch.Tensor:
-        """query [s, b, H, d_h + d_R]; key = value = latent tokens [S, b, h_c, d_c' + d_R];
-        gates [s, b, H, 2] (after the sigmoid) -> [s, b, H * d_v]. S = s, or under context
-        parallelism the whole sequence in global order, read by the query `pieces`."""
-        config = self.config
-        cu_seqlens = packed_cu_seqlens(packed_seq_params)
-        q, tokens, gates = self.to_batch_major(query, key, gates)
-        compressed = self.compressor(tokens, cu_seqlens)  # [b, n, h_c, d_c' + d_R]
-        k, v = self.linear_kv_up_proj(torch.cat((tokens, compressed), dim=1))
-        length = tokens.shape[1]
-        k, k_cmp = k[:, :length], k[:, length:]
-        v, v_cmp = v[:, :length], v[:, length:]
+        """query [s, b, H, d_h + d_R]; key = value = latent tokens [S, b, h_c * d_c' + d_R]
+        (each latent head's c^j, then the shared k^R); gates [s, b, H, 2] (after the
+        sigmoid) -> [s, b, H * d_v].
+
+        Under context parallelism S is the whole sequence in global order, read by the query
+        `pieces`; `compressed` [N, b, h_c, d_c' + d_R] holds its compressed tokens, and the
+        key may be the all-gather still bringing the latent tokens (`PendingGather`), waited
+        for after the compressed branch.
+        """
+        q, gates = self.to_batch_major(query, gates)
         if pieces is None:
-            out = self.branches(q, k, v, k_cmp, v_cmp, gates, cu_seqlens)
-            return self.to_sequence_major(out)
-        cmp_starts = [0] if cu_seqlens is None else compressed_cu_seqlens(
-            cu_seqlens, config.compress_block_size, config.compress_stride
-        ).tolist()
-
-        def attend(piece: QueryPiece) -> torch.Tensor:
-            first = cmp_starts[piece.doc]
-            blocks = slice(first, first + num_compressed_blocks(
-                piece.k_len, config.compress_block_size, config.compress_stride
-            ))
-            return self.branches(
-                q[:, piece.queries], k[:, piece.keys], v[:, piece.keys], k_cmp[:, blocks],
-                v_cmp[:, blocks], gates[:, piece.queries], None, piece.q_offset,
+            cu_seqlens = packed_cu_seqlens(packed_seq_params)
+            tokens = self.latent_tokens(key).transpose(0, 1)  # [b, S, h_c, d_c' + d_R]
+            compressed = self.compressor(tokens, cu_seqlens)  # [b, N, h_c, d_c' + d_R]
+            k, v = self.linear_kv_up_proj(torch.cat((tokens, compressed), dim=1))
+            length = tokens.shape[1]
+            o_cmp, indices = self.compressed_branch(
+                q, k[:, length:], v[:, length:], cu_seqlens=cu_seqlens
             )
+            out = self.selected_branch(
+                q, gates, o_cmp, indices, k[:, :length], v[:, :length], cu_seqlens=cu_seqlens
+            )
+            return self.to_sequence_major(out)
+        k_cmp, v_cmp = self.linear_kv_up_proj(compressed.transpose(0, 1))
+        branch = run_pieces(
+            pieces, self.compressed_branch, queries=(q,), compressed=(k_cmp, v_cmp)
+        )
+        o_cmp = torch.cat([o for o, _ in branch], dim=1)  # [b, s, H, d_v]
+        indices = torch.cat([i for _, i in branch], dim=1)  # [b, s, groups, n]
+        if isinstance(key, PendingGather):  # the raw latent's gather overlapped the above
+            key = key.wait()
+        k, v = self.linear_kv_up_proj(self.latent_tokens(key).transpose(0, 1))
+        out = run_pieces(
+            pieces, self.selected_branch, queries=(q, gates, o_cmp, indices), keys=(k, v)
+        )
+        return self.to_sequence_major(torch.cat(out, dim=1))
 
-        return self.to_sequence_major(query_chunks(q, pieces, attend))
+    def latent_tokens(self, latent: torch.Tensor) -> torch.Tensor:
+        """[..., h_c * d_c' + d_R] -> [..., h_c, d_c' + d_R]: [c^j ; k^R] per latent head."""
+        d_r = self.config.qk_pos_emb_head_dim
+        c, k_rope = latent.split([latent.shape[-1] - d_r, d_r], dim=-1)
+        c = c.unflatten(-1, (self.latents.local_heads, -1))
+        return torch.cat((c, k_rope.unsqueeze(-2).expand(*c.shape[:-1], -1)), dim=-1)
 
-    def branches(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cmp: torch.Tensor,
-        v_cmp: torch.Tensor,
-        gates: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        q_offset: int = 0,
+    def compress_chunks(
+        self, latent: torch.Tensor, pieces: list[CompressionPiece]
     ) -> torch.Tensor:
-        """g_cmp o_cmp + g_slc o_slc for queries q [b, t, H, d] at positions q_offset + i of
-        the keys k, v [b, q_offset + t, H, d] and their compressed blocks -> [b, t, H, d_v]."""
-        config = self.config
-        blocks = {
-            "block_size": config.compress_block_size,
-            "stride": config.compress_stride,
+        """latent [E, b, h_c * d_c' + d_R]: this rank's chunks, each after its l - 1 token
+        halo -> the compressed tokens [n, b, h_c, d_c' + d_R] of the blocks the chunks own
+        (context parallelism), in the order of `pieces`."""
+        tokens = self.latent_tokens(latent).transpose(0, 1)  # [b, E, h_c, d_c' + d_R]
+        compressed = [self.compressor(tokens[:, piece.rows]) for piece in pieces]
+        return torch.cat(compressed, dim=1).transpose(0, 1)
+
+    def op_arguments(self, cu_seqlens: torch.Tensor | None, q_offset: int) -> dict:
+        """Keyword arguments every nsa_kernels op of the layer takes."""
+        return {
             "scale": self.softmax_scale,
             "cu_seqlens": cu_seqlens,
             "q_offset": q_offset,
             "backend": self.backend,
         }
-        if self.latents.replicas > 1:
-            return self.replicated_latent_attention(q, k, v, k_cmp, v_cmp, gates, blocks)
-        return nsa_kernels.nsa_attention(
-            q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1],
-            select_block_size=config.select_block_size,
-            top_n=config.select_top_n,
-            num_selection_heads=self.latents.local_heads,
-            selection_query_block=config.selection_query_block,
-            **blocks,
-        )
 
-    def replicated_latent_attention(
+    def compressed_branch(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         k_cmp: torch.Tensor,
         v_cmp: torch.Tensor,
-        gates: torch.Tensor,
-        blocks: dict,
-    ) -> torch.Tensor:
-        """nsa_attention's branches when this rank holds only part of its latent's query group.
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        q_offset: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_cmp [b, t, H, d_v] and the selected blocks [b, t, groups, n] of queries q
+        [b, t, H, d] at positions q_offset + i, against the compressed keys k_cmp, v_cmp
+        [b, N, H, d] of their q_offset + t keys.
 
-        The group shares one selection, scored by all its heads (NSA Eq. 10): the ranks
-        that share the latent exchange their queries and compressed keys so each scores the
-        whole group, as one rank would without tensor parallelism.
+        A latent's query group shares one selection, scored by all its heads (NSA Eq. 10).
+        When this rank holds only part of a group (a latent replicated over TP ranks), the
+        ranks that share the latent exchange their queries and compressed keys so that each
+        scores the whole group, as one rank would without tensor parallelism.
         """
         config = self.config
-        o_cmp, _ = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, **blocks)
-        gather = partial(gather_from_replicas, partition=self.latents, tp_group=self.tp_group)
-        indices = nsa_kernels.select_blocks(
-            gather(q.detach(), dim=2),
-            gather(k_cmp.detach(), dim=2),
-            select_block_size=config.select_block_size,
-            top_n=config.select_top_n,
-            num_selection_heads=1,
-            selection_query_block=config.selection_query_block,
-            **blocks,
-        )
+        common = self.op_arguments(cu_seqlens, q_offset)
+        blocks = {"block_size": config.compress_block_size, "stride": config.compress_stride}
+        o_cmp, lse = nsa_kernels.compressed_attention(q, k_cmp, v_cmp, **blocks, **common)
+        selection = {
+            "select_block_size": config.select_block_size,
+            "top_n": config.select_top_n,
+            "selection_query_block": config.selection_query_block,
+        }
+        if self.latents.replicas > 1:
+            gather = partial(gather_from_replicas, partition=self.latents, tp_group=self.tp_group)
+            indices = nsa_kernels.select_blocks(
+                gather(q.detach(), dim=2), gather(k_cmp.detach(), dim=2),
+                num_selection_heads=1, **blocks, **selection, **common,
+            )
+        else:
+            indices = nsa_kernels.select_blocks(
+                q, k_cmp, num_selection_heads=self.latents.local_heads, lse=lse.detach(),
+                **blocks, **selection, **common,
+            )
+        return o_cmp, indices
+
+    def selected_branch(
+        self,
+        q: torch.Tensor,
+        gates: torch.Tensor,
+        o_cmp: torch.Tensor,
+        indices: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        q_offset: int = 0,
+    ) -> torch.Tensor:
+        """g_cmp o_cmp + g_slc o_slc [b, t, H, d_v]: o_slc attends to the selected blocks
+        (`indices`) of the keys k, v [b, q_offset + t, H, d]; gates [b, t, H, 2]."""
         o_slc = nsa_kernels.selected_attention(
-            q, k, v, indices, config.select_block_size, scale=blocks["scale"],
-            cu_seqlens=blocks["cu_seqlens"], q_offset=blocks["q_offset"], backend=blocks["backend"],
+            q, k, v, indices, self.config.select_block_size,
+            **self.op_arguments(cu_seqlens, q_offset),
         )
         return gates[..., :1] * o_cmp + gates[..., 1:] * o_slc

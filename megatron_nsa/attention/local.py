@@ -11,8 +11,9 @@ rank's heads directly, so `replicate_over_tp` sums its gradient.
 
 Context parallelism: each of a rank's chunks needs the w - 1 tokens before it. The latent
 tokens [c ; k^R] of those halos (d_c + d_R values per token, never per-head keys and values)
-come point-to-point from the ranks that hold them, before the up-projection; each chunk then
-attends to [halo ; chunk] with its queries at the offset of the halo's length.
+come point-to-point from the ranks that hold them, before the up-projection; the exchange
+runs while the query is projected. Each chunk then attends to [halo ; chunk] with its
+queries at the offset of the halo's length.
 """
 
 from __future__ import annotations
@@ -30,34 +31,23 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..config import ASATransformerConfig
-from ..context_parallel import ContextParallelLayout, QueryPiece, with_halos
-from ..parallel import replicate_over_tp
-from .base import (
-    ASACoreAttention,
-    ASASelfAttention,
-    TokenLayout,
-    packed_cu_seqlens,
-    query_chunks,
+from ..context_parallel import (
+    ContextParallelLayout,
+    PendingHalos,
+    QueryPiece,
+    run_pieces,
+    start_halos,
 )
-from .query import LatentQueryMixin
-from .rope import Rotary, default_softmax_scale
+from ..parallel import replicate_over_tp
+from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens
+from .query import LatentQueryMixin, LatentQuerySubmodules
+from .rope import Rotary
 
 
 @dataclass
-class LocalSelfAttentionSubmodules:
-    """Submodules of `LocalSelfAttention` (the fields of Megatron's MLA submodules)."""
-
-    linear_q_proj: ModuleSpec | type | None = None
-    """Column-parallel hidden -> heads * (d_h + d_R), used when q_lora_rank is None."""
-
-    linear_q_down_proj: ModuleSpec | type | None = None
-    """Duplicated hidden -> q_lora_rank, used when q_lora_rank is set."""
-
-    linear_q_up_proj: ModuleSpec | type | None = None
-    """Column-parallel q_lora_rank -> heads * (d_h + d_R)."""
-
-    q_layernorm: ModuleSpec | type | None = None
-    """Norm of the low-rank query."""
+class LocalSelfAttentionSubmodules(LatentQuerySubmodules):
+    """Submodules of `LocalSelfAttention` (the fields of Megatron's MLA submodules); the
+    core attention is `SlidingWindowCoreAttention`."""
 
     linear_kv_down_proj: ModuleSpec | type | None = None
     """Duplicated hidden -> d_c + d_R: the latent c and the shared RoPE key k^R."""
@@ -67,12 +57,6 @@ class LocalSelfAttentionSubmodules:
 
     linear_kv_up_proj: ModuleSpec | type | None = None
     """Column-parallel d_c -> heads * (d_h + d_v)."""
-
-    core_attention: ModuleSpec | type | None = None
-    """Sliding-window core attention."""
-
-    linear_proj: ModuleSpec | type | None = None
-    """Row-parallel heads * d_v -> hidden."""
 
 
 class LocalSelfAttention(LatentQueryMixin, ASASelfAttention):
@@ -102,16 +86,7 @@ class LocalSelfAttention(LatentQueryMixin, ASASelfAttention):
             config.num_attention_heads * (config.qk_head_dim + config.v_head_dim),
             "kv_up_proj",
         )
-        self.rotary = Rotary(config, d_r, self.pg_collection.cp)
-        self.core_attention = self.build_core_attention(
-            submodules.core_attention,
-            default_softmax_scale(config, self.q_head_dim),
-            self.q_head_dim,
-            config.v_head_dim,
-        )
-        self.build_output_projection(
-            submodules.linear_proj, config.num_attention_heads * config.v_head_dim
-        )
+        self.build_rope_core_and_output(submodules)
 
     def attend(
         self,
@@ -125,19 +100,19 @@ class LocalSelfAttention(LatentQueryMixin, ASASelfAttention):
         c, k_rope = latent.split([config.kv_lora_rank, config.qk_pos_emb_head_dim], dim=-1)
         c = self.kv_layernorm(c)
         k_rope = replicate_over_tp(k_rope, self.tp_group, config.sequence_parallel)  # [s, b, d_R]
-        key_cos, key_sin, pieces = cos, sin, None
+        key_cos, key_sin, pieces, halos = cos, sin, None, None
         if tokens.cp is not None:
-            c, k_rope, pieces = self.prepend_halos(c, k_rope, tokens.cp)  # keys [E, b, ...]
+            halos = self.start_halos(c, k_rope, tokens.cp)
             halo = config.sliding_window_size - 1
             key_positions = tokens.cp.window_key_positions(halo, hidden_states.device)
             key_cos, key_sin = self.rotary.cos_sin(key_positions, tokens.length)
-        # "mla_up_proj" recomputes the up-projections together with the core attention.
-        whole = "mla_up_proj" in self.recompute_modules
+            pieces = tokens.cp.window_pieces(halo)
+        # "mla_up_proj" recomputes the query and up-projections with the core attention.
+        whole = self.recomputes("mla_up_proj")
 
         def up_project_and_attend(
-            hidden_states: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor
+            query: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor
         ) -> torch.Tensor:
-            query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]
             kv, _ = self.linear_kv_up_proj(c)  # [E(+pad), b, H * (d_h + d_v)]
             keys = k_rope.shape[0]
             kv = kv[:keys].view(keys, kv.shape[1], self.heads.local_heads, -1)
@@ -148,37 +123,52 @@ class LocalSelfAttention(LatentQueryMixin, ASASelfAttention):
                 query, key, value, packed_seq_params, checkpoint=not whole, pieces=pieces
             )
 
-        return self.maybe_checkpoint(
-            "mla_up_proj", up_project_and_attend, hidden_states, c, k_rope
-        )
+        if whole:
+            if halos is not None:
+                c, k_rope = self.finish_halos(halos)  # keys [E, b, ...]
+            return self.maybe_checkpoint(
+                "mla_up_proj",
+                lambda hidden, c, k_rope: up_project_and_attend(
+                    self.query(hidden, cos, sin), c, k_rope
+                ),
+                hidden_states, c, k_rope,
+            )
+        query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]; overlaps the halos
+        if halos is not None:
+            c, k_rope = self.finish_halos(halos)  # keys [E, b, ...]
+        return up_project_and_attend(query, c, k_rope)
 
-    def prepend_halos(
+    def start_halos(
         self, c: torch.Tensor, k_rope: torch.Tensor, cp: ContextParallelLayout
-    ) -> tuple[torch.Tensor, torch.Tensor, list[QueryPiece]]:
-        """c [s(/TP), b, d_c], k_rope [s, b, d_R] -> the keys' latents with each chunk's halo
-        in front, [E(/TP), b, d_c] and [E, b, d_R], and the query pieces over them.
+    ) -> PendingHalos:
+        """Start fetching the halos of c [s(/TP), b, d_c] and k_rope [s, b, d_R].
 
         Under sequence parallelism c is gathered over TP for the exchange (its gradient then
-        comes back whole on every TP rank, so the gather's backward keeps this rank's slice)
-        and split again, zero-padded to a multiple of TP, for the up-projection, whose own
-        gather and reduce-scatter stay as they are.
+        comes back whole on every TP rank, so the gather's backward keeps this rank's slice);
+        `finish_halos` splits it again.
         """
-        config = self.config
-        halo = config.sliding_window_size - 1
-        tp_size = self.tp_group.size()
-        sequence_parallel = config.sequence_parallel and tp_size > 1
-        if sequence_parallel:
+        if self.config.sequence_parallel and self.tp_group.size() > 1:
             c = gather_from_sequence_parallel_region(
                 c, tensor_parallel_output_grad=False, group=self.tp_group
             )
-        latent = with_halos(
-            torch.cat((c, k_rope), dim=-1), cp, halo, self.cp_group, self.layer_number
-        )  # [E, b, d_c + d_R]
+        return start_halos(
+            torch.cat((c, k_rope), dim=-1), cp, self.config.sliding_window_size - 1,
+            self.cp_group, self.layer_number,
+        )
+
+    def finish_halos(self, halos: PendingHalos) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys' latents with each chunk's halo in front, [E(/TP), b, d_c] and
+        [E, b, d_R]. Under sequence parallelism c is split again over TP, zero-padded to a
+        multiple of TP, for the column-parallel up-projection, whose own gather and
+        reduce-scatter stay as they are."""
+        config = self.config
+        latent = halos.wait()  # [E, b, d_c + d_R]
         c, k_rope = latent.split([config.kv_lora_rank, config.qk_pos_emb_head_dim], dim=-1)
-        if sequence_parallel:
+        tp_size = self.tp_group.size()
+        if config.sequence_parallel and tp_size > 1:
             c = F.pad(c, (0, 0, 0, 0, 0, -c.shape[0] % tp_size))
             c = scatter_to_sequence_parallel_region(c, group=self.tp_group)
-        return c, k_rope, cp.window_pieces(halo)
+        return c, k_rope
 
 
 class SlidingWindowCoreAttention(ASACoreAttention):
@@ -206,11 +196,12 @@ class SlidingWindowCoreAttention(ASACoreAttention):
                 cu_seqlens=packed_cu_seqlens(packed_seq_params), backend=self.backend,
             )
         else:
-            out = query_chunks(
-                q, pieces,
-                lambda piece: nsa_kernels.sliding_window_attention(
-                    q[:, piece.queries], k[:, piece.keys], v[:, piece.keys], window,
-                    scale=self.softmax_scale, q_offset=piece.q_offset, backend=self.backend,
+            out = torch.cat(run_pieces(
+                pieces,
+                lambda q, k, v, q_offset: nsa_kernels.sliding_window_attention(
+                    q, k, v, window, scale=self.softmax_scale, q_offset=q_offset,
+                    backend=self.backend,
                 ),
-            )
+                queries=(q,), keys=(k, v),
+            ), dim=1)
         return self.to_sequence_major(out)

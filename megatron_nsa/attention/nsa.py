@@ -18,37 +18,19 @@ import nsa_kernels
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from nsa_kernels import compressed_cu_seqlens, num_compressed_blocks
 
 from ..config import ASATransformerConfig
-from ..context_parallel import QueryPiece
-from .base import (
-    ASACoreAttention,
-    ASASelfAttention,
-    TokenLayout,
-    packed_cu_seqlens,
-    query_chunks,
-    tp_partition,
-)
-from .dense import GQAProjectionMixin
-from .rope import default_softmax_scale
+from ..context_parallel import QueryPiece, run_pieces
+from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
+from .dense import DenseSelfAttentionSubmodules, GQAProjectionMixin
 
 
 @dataclass
-class NSASelfAttentionSubmodules:
-    """Submodules of `NSASelfAttention`."""
-
-    linear_qkv: ModuleSpec | type | None = None
-    """Column-parallel GQA projection (see GQAProjectionMixin)."""
+class NSASelfAttentionSubmodules(DenseSelfAttentionSubmodules):
+    """Submodules of `NSASelfAttention` (core attention: `NSACoreAttention`)."""
 
     linear_gate: ModuleSpec | type | None = None
     """Column-parallel hidden -> heads * 3, the three branch gates."""
-
-    core_attention: ModuleSpec | type | None = None
-    """Three-branch core attention (`NSACoreAttention`)."""
-
-    linear_proj: ModuleSpec | type | None = None
-    """Row-parallel heads * d -> hidden."""
 
 
 class NSASelfAttention(GQAProjectionMixin, ASASelfAttention):
@@ -63,19 +45,10 @@ class NSASelfAttention(GQAProjectionMixin, ASASelfAttention):
     ) -> None:
         """kwargs: Megatron's attention arguments (attn_mask_type, pg_collection, ...)."""
         super().__init__(config, layer_number, **kwargs)
-        self.build_qkv(submodules.linear_qkv)
+        self.build_gqa(submodules)
         self.linear_gate = self.column_parallel(
             submodules.linear_gate, config.hidden_size, config.num_attention_heads * 3, "gate",
             bias=True,
-        )
-        self.core_attention = self.build_core_attention(
-            submodules.core_attention,
-            default_softmax_scale(config, self.head_dim),
-            self.head_dim,
-            self.head_dim,
-        )
-        self.build_output_projection(
-            submodules.linear_proj, config.num_attention_heads * self.head_dim
         )
 
     def attend(
@@ -91,10 +64,11 @@ class NSASelfAttention(GQAProjectionMixin, ASASelfAttention):
         gates, _ = self.linear_gate(hidden_states)  # [s, b, H * 3]
         gates = torch.sigmoid(gates.float()).to(query.dtype).view(*query.shape[:3], 3)
         if cp is None:
-            return self.run_core(query, key, value, packed_seq_params, gates)
+            return self.run_core(query, key, value, packed_seq_params, gates=gates)
         key, value = self.gathered_kv(pending)
+        blocks = (self.config.compress_block_size, self.config.compress_stride)
         return self.run_core(
-            query, key, value, packed_seq_params, gates, pieces=cp.causal_pieces()
+            query, key, value, packed_seq_params, pieces=cp.causal_pieces(blocks), gates=gates
         )
 
 
@@ -136,39 +110,27 @@ class NSACoreAttention(ASACoreAttention):
     ) -> torch.Tensor:
         """query [s, b, H, d], key, value [S, b, G, d], gates [s, b, H, 3] -> [s, b, H * d];
         S = s, or the whole sequence under context parallelism, read by the query `pieces`."""
-        config = self.config
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
         q, k, v, gates = self.to_batch_major(query, key, value, gates)
         k_cmp, v_cmp = self.compress_k(k, cu_seqlens), self.compress_v(v, cu_seqlens)
         if pieces is None:
-            return self.to_sequence_major(
-                self.branches(q, k, v, k_cmp, v_cmp, gates, cu_seqlens)
-            )
-        cmp_starts = [0] if cu_seqlens is None else compressed_cu_seqlens(
-            cu_seqlens, config.compress_block_size, config.compress_stride
-        ).tolist()
-
-        def attend(piece: QueryPiece) -> torch.Tensor:
-            first = cmp_starts[piece.doc]
-            blocks = slice(first, first + num_compressed_blocks(
-                piece.k_len, config.compress_block_size, config.compress_stride
-            ))
-            return self.branches(
-                q[:, piece.queries], k[:, piece.keys], v[:, piece.keys], k_cmp[:, blocks],
-                v_cmp[:, blocks], gates[:, piece.queries], None, piece.q_offset,
-            )
-
-        return self.to_sequence_major(query_chunks(q, pieces, attend))
+            out = self.branches(q, gates, k, v, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
+        else:
+            out = torch.cat(run_pieces(
+                pieces, self.branches, queries=(q, gates), keys=(k, v), compressed=(k_cmp, v_cmp)
+            ), dim=1)
+        return self.to_sequence_major(out)
 
     def branches(
         self,
         q: torch.Tensor,
+        gates: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         k_cmp: torch.Tensor,
         v_cmp: torch.Tensor,
-        gates: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
         q_offset: int = 0,
     ) -> torch.Tensor:
         """The three gated branches for queries q [b, t, H, d] at positions q_offset + i of

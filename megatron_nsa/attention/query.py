@@ -6,15 +6,35 @@ x -> duplicated down-projection -> RMSNorm -> column-parallel up-projection.
 
 from __future__ import annotations
 
-import torch
-from megatron.core.transformer.spec_utils import build_module
+from dataclasses import dataclass
 
-from .base import ASASelfAttention
-from .rope import Rotary
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .base import ASASelfAttention, ASASelfAttentionSubmodules
+from .rope import Rotary, default_softmax_scale
+
+
+@dataclass
+class LatentQuerySubmodules(ASASelfAttentionSubmodules):
+    """The query projections of the latent layers (fields of Megatron's MLA submodules)."""
+
+    linear_q_proj: ModuleSpec | type | None = None
+    """Column-parallel hidden -> heads * (d_h + d_R), used when q_lora_rank is None."""
+
+    linear_q_down_proj: ModuleSpec | type | None = None
+    """Duplicated hidden -> q_lora_rank, used when q_lora_rank is set."""
+
+    linear_q_up_proj: ModuleSpec | type | None = None
+    """Column-parallel q_lora_rank -> heads * (d_h + d_R)."""
+
+    q_layernorm: ModuleSpec | type | None = None
+    """Norm of the low-rank query."""
 
 
 class LatentQueryMixin:
-    """Builds and applies linear_q_proj, or linear_q_down_proj + q_layernorm + linear_q_up_proj."""
+    """Builds and applies linear_q_proj, or linear_q_down_proj + q_layernorm + linear_q_up_proj,
+    and the parts both latent layer kinds share."""
 
     def build_query(self: ASASelfAttention, submodules) -> None:
         config = self.config
@@ -37,6 +57,23 @@ class LatentQueryMixin:
         )
         self.linear_q_up_proj = self.column_parallel(
             submodules.linear_q_up_proj, config.q_lora_rank, out, "q_up_proj"
+        )
+
+    def build_rope_core_and_output(
+        self: ASASelfAttention, submodules: LatentQuerySubmodules
+    ) -> None:
+        """RoPE of the shared key k^R, the core attention on [d_h + d_R] queries and keys and
+        [d_v] values, and the output projection."""
+        config = self.config
+        self.rotary = Rotary(config, config.qk_pos_emb_head_dim, self.pg_collection.cp)
+        self.core_attention = self.build_core_attention(
+            submodules.core_attention,
+            default_softmax_scale(config, self.q_head_dim),
+            self.q_head_dim,
+            config.v_head_dim,
+        )
+        self.build_output_projection(
+            submodules.linear_proj, config.num_attention_heads * config.v_head_dim
         )
 
     def query(

@@ -4,7 +4,8 @@ Megatron cuts each sequence (each packed document, for THD batches) into 2P equa
 gives CP rank r chunks r and 2P-1-r, in that order (`get_batch_on_this_cp_rank`, or TE's
 `thd_get_partitioned_indices` for packed documents). Core attention sees no position ids, so
 the layout is rebuilt from (P, r, local length, cu_seqlens): the global position of every
-local token, which rank holds any global token, and the query pieces each layer kind runs.
+local token, which rank holds any global token, and the query pieces each layer kind runs
+(`run_pieces` runs an op once per piece).
 
 Everything here is arithmetic on Python ints, the same on every rank, so every rank knows
 what every other rank sends and receives without asking.
@@ -12,10 +13,12 @@ what every other rank sends and receives without asking.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import torch
+from nsa_kernels import num_compressed_blocks
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,17 @@ class QueryPiece:
     """One call of an attention op: queries [q_start, q_start + q_len) of this rank against
     keys [k_start, k_start + k_len) of the key tensor the core attention receives; the
     queries are the last q_len of those keys (`q_offset` = k_len - q_len). `doc` names the
-    document, whose compressed tokens the global layers slice."""
+    document. Pieces of the compressing layers also name the compressed tokens of their
+    keys: [cmp_start, cmp_start + cmp_len) of the sequence's compressed tokens, document by
+    document (as `compressed_cu_seqlens` orders them)."""
 
     q_start: int
     q_len: int
     k_start: int
     k_len: int
     doc: int
+    cmp_start: int = 0
+    cmp_len: int = 0
 
     @property
     def q_offset(self) -> int:
@@ -60,6 +67,28 @@ class QueryPiece:
     @property
     def keys(self) -> slice:
         return slice(self.k_start, self.k_start + self.k_len)
+
+    @property
+    def compressed(self) -> slice:
+        return slice(self.cmp_start, self.cmp_start + self.cmp_len)
+
+
+@dataclass(frozen=True)
+class CompressionPiece:
+    """The compression blocks one chunk owns, those whose last token it holds: blocks
+    [first_block, first_block + blocks) of document `doc`, made from rows
+    [start, start + length) of the chunks-with-halos tensor (`window_pieces(block_size - 1)`
+    keys), which begin at the first block's first token."""
+
+    start: int
+    length: int
+    doc: int
+    first_block: int
+    blocks: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.length)
 
 
 @dataclass(frozen=True)
@@ -226,13 +255,78 @@ class ContextParallelLayout:
              for s, h in zip(self.segments, self.halo_lengths(halo), strict=True)]
         )
 
-    def causal_pieces(self) -> list[QueryPiece]:
+    def causal_pieces(self, compression: tuple[int, int] | None = None) -> list[QueryPiece]:
         """Pieces of the layers that gather the whole sequence: each chunk against every key
-        of its document up to the chunk's end, the key tensor being in global order."""
-        return [
-            QueryPiece(s.local_start, s.length, s.doc_start, s.doc_offset + s.length, s.doc)
-            for s in self.segments
-        ]
+        of its document up to the chunk's end, the key tensor being in global order. With
+        `compression` (block size, stride) each piece also names the compressed tokens of
+        its keys."""
+        pieces = []
+        for s in self.segments:
+            keys = s.doc_offset + s.length
+            cmp_start = cmp_len = 0
+            if compression is not None:
+                cmp_start = self.compressed_starts(*compression)[s.doc]
+                cmp_len = num_compressed_blocks(keys, *compression)
+            pieces.append(
+                QueryPiece(s.local_start, s.length, s.doc_start, keys, s.doc, cmp_start, cmp_len)
+            )
+        return pieces
+
+    def compressed_starts(self, block_size: int, stride: int) -> tuple[int, ...]:
+        """Index of each document's first compressed token in the whole sequence's."""
+        starts, total = [], 0
+        for n in self.doc_lengths:
+            starts.append(total)
+            total += num_compressed_blocks(n, block_size, stride)
+        return tuple(starts)
+
+    def compression_pieces(
+        self, block_size: int, stride: int, rank: int | None = None
+    ) -> list[CompressionPiece]:
+        """The blocks each chunk of `rank` (default this one) compresses: those whose last
+        token it holds. Block i covers [i*s, i*s + l) of its document, so a chunk starting at
+        document position o owns blocks i >= ceil((o - l + 1) / s) and needs the l - 1 tokens
+        before it: the rows of `window_pieces(l - 1)`'s key tensor."""
+        halo = block_size - 1
+        segments = self.segments if rank is None else self.segments_of(rank)
+        pieces, row = [], 0
+        for s, h in zip(segments, self.halo_lengths(halo, rank), strict=True):
+            first = max(0, -((halo - s.doc_offset) // stride))  # ceil((o - l + 1) / s)
+            start = first * stride  # document position of the first block's first token
+            length = s.doc_offset + s.length - start
+            skip = start - (s.doc_offset - h)
+            pieces.append(CompressionPiece(
+                row + skip, length, s.doc, first, num_compressed_blocks(length, block_size, stride)
+            ))
+            row += h + s.length
+        return pieces
+
+    def compressed_rows(self, block_size: int, stride: int) -> int:
+        """The most compressed tokens any rank owns: each rank's share of the compressed
+        all-gather, padded to this."""
+        return max(
+            sum(p.blocks for p in self.compression_pieces(block_size, stride, rank))
+            for rank in range(self.size)
+        )
+
+    def compressed_order(self, block_size: int, stride: int, device: torch.device) -> torch.Tensor:
+        """[compressed tokens of the sequence] int64: for each, its row in the rank-major
+        buffer a compressed all-gather returns (rank p's blocks from row p * rows, rows =
+        `compressed_rows`). Cached like `gathered_order`."""
+        return _compressed_order(self, block_size, stride, torch.device(device))
+
+    def _build_compressed_order(self, block_size: int, stride: int) -> torch.Tensor:
+        starts = self.compressed_starts(block_size, stride)
+        total = starts[-1] + num_compressed_blocks(self.doc_lengths[-1], block_size, stride)
+        rows = self.compressed_rows(block_size, stride)
+        order = torch.empty(total, dtype=torch.long)
+        for rank in range(self.size):
+            row = rank * rows
+            for p in self.compression_pieces(block_size, stride, rank):
+                first = starts[p.doc] + p.first_block
+                order[first : first + p.blocks] = torch.arange(row, row + p.blocks)
+                row += p.blocks
+        return order
 
     def check_chunk_multiple(self, multiple: int, what: str) -> None:
         """Refuse chunks whose starts are not multiples of `multiple` (e.g. query blocks
@@ -247,6 +341,45 @@ class ContextParallelLayout:
             )
 
 
+def run_pieces(
+    pieces: Sequence[QueryPiece],
+    fn: Callable[..., object],
+    *,
+    queries: Sequence[torch.Tensor] = (),
+    keys: Sequence[torch.Tensor] = (),
+    compressed: Sequence[torch.Tensor] = (),
+    dim: int = 1,
+) -> list:
+    """[fn(*queries, *keys, *compressed, q_offset=piece.q_offset) for each piece], each
+    tensor sliced along its token axis `dim` to the piece's queries, keys or compressed
+    tokens. The pieces must cover the queries, in order."""
+    covered = sum(piece.q_len for piece in pieces)
+    if queries and covered != queries[0].shape[dim]:
+        raise ValueError(
+            f"query pieces cover {covered} tokens, the query has {queries[0].shape[dim]}"
+        )
+
+    def part(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+        return tensor[(slice(None),) * dim + (rows,)]
+
+    return [
+        fn(
+            *(part(t, piece.queries) for t in queries),
+            *(part(t, piece.keys) for t in keys),
+            *(part(t, piece.compressed) for t in compressed),
+            q_offset=piece.q_offset,
+        )
+        for piece in pieces
+    ]
+
+
 @lru_cache(maxsize=16)
 def _gathered_order(layout: ContextParallelLayout, device: torch.device) -> torch.Tensor:
     return layout._build_gathered_order(device)
+
+
+@lru_cache(maxsize=16)
+def _compressed_order(
+    layout: ContextParallelLayout, block_size: int, stride: int, device: torch.device
+) -> torch.Tensor:
+    return layout._build_compressed_order(block_size, stride).to(device)

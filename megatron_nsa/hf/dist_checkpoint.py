@@ -1,9 +1,11 @@
 """Read a Megatron `torch_dist` checkpoint in one process, without a process group or GPU.
 
 A `torch_dist` checkpoint is a torch.distributed.checkpoint (DCP) folder (`.metadata` plus
-`__{rank}_{i}.distcp` files) with Megatron's `metadata.json` and `common.pt` beside it. DCP
-stores every tensor under its global key and shape, whatever TP/PP layout saved it, so one
-process can read whole tensors with DCP's reader in `no_dist` mode.
+`__{rank}_{i}.distcp` files) with Megatron's `metadata.json` beside it. Megatron's non-tensor
+state is a `common.pt` file next to them (megatron-core up to 0.17) or one serialized object,
+`common_state`, inside the DCP files (later versions); both are read. DCP stores every tensor
+under its global key and shape, whatever TP/PP layout saved it, so one process can read whole
+tensors with DCP's reader in `no_dist` mode.
 
 Accepted paths: the checkpoint folder itself, or a Megatron-LM save folder whose
 `latest_checkpointed_iteration.txt` names the iteration (`iter_0000100/` or `release/`).
@@ -11,6 +13,7 @@ Accepted paths: the checkpoint folder itself, or a Megatron-LM save folder whose
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -25,6 +28,9 @@ from .errors import ConversionError
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MEGATRON_METADATA = "metadata.json"
 COMMON_STATE = "common.pt"
+COMMON_STATE_OBJECT = "common_state/shard_0_1"
+"""DCP key of the common state saved inside the checkpoint: Megatron's ShardedObject
+`common_state` of global shape (1,) at offset (0,)."""
 DCP_METADATA = ".metadata"
 
 
@@ -66,6 +72,14 @@ class MegatronCheckpoint:
             self._reader = FileSystemReader(str(path))
             self._dcp = self._reader.read_metadata()
         self._check_data_files()
+        if not (path / COMMON_STATE).is_file() and not self._has_common_object():
+            raise ConversionError(
+                f"checkpoint {path} is partial: it has neither {COMMON_STATE} nor a "
+                f"'{COMMON_STATE_OBJECT}' entry (was the save interrupted?)"
+            )
+
+    def _has_common_object(self) -> bool:
+        return COMMON_STATE_OBJECT in self._dcp.state_dict_metadata
 
     def _check_metadata(self) -> None:
         path = self.directory
@@ -84,11 +98,11 @@ class MegatronCheckpoint:
                 f"{meta}: sharded_backend is {backend!r}; only 'torch_dist' checkpoints can be "
                 "read (re-save with Megatron's torch_dist format)"
             )
-        for name in (DCP_METADATA, COMMON_STATE):
-            if not (path / name).is_file():
-                raise ConversionError(
-                    f"checkpoint {path} is partial: {name} is missing (was the save interrupted?)"
-                )
+        if not (path / DCP_METADATA).is_file():
+            raise ConversionError(
+                f"checkpoint {path} is partial: {DCP_METADATA} is missing (was the save "
+                "interrupted?)"
+            )
 
     def _check_data_files(self) -> None:
         needed: dict[str, int] = {}
@@ -122,6 +136,21 @@ class MegatronCheckpoint:
             dcp.load(state, storage_reader=self._reader, no_dist=True)
         return state
 
+    def common_state_source(self) -> str:
+        """Where `common_state` reads from, for messages."""
+        if (self.directory / COMMON_STATE).is_file():
+            return str(self.directory / COMMON_STATE)
+        return f"{self.directory} ('{COMMON_STATE_OBJECT}')"
+
     def common_state(self) -> dict:
-        """Megatron's non-tensor state (`common.pt`): Megatron-LM keeps its arguments there."""
-        return torch.load(self.directory / COMMON_STATE, map_location="cpu", weights_only=False)
+        """Megatron's non-tensor state (Megatron-LM keeps its arguments there), from
+        `common.pt` or from the `common_state` object inside the checkpoint."""
+        if (self.directory / COMMON_STATE).is_file():
+            return torch.load(self.directory / COMMON_STATE, map_location="cpu", weights_only=False)
+        state = {COMMON_STATE_OBJECT: io.BytesIO()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=self._reader, no_dist=True)
+        data = state[COMMON_STATE_OBJECT]
+        data.seek(0)
+        return torch.load(data, map_location="cpu", weights_only=False)[0]

@@ -4,7 +4,7 @@ The folder holds config.json (with `auto_map`), configuration_asa.py and modelin
 (loaded with `trust_remote_code=True`), sharded safetensors with model.safetensors.index.json,
 and the tokenizer when the checkpoint has one. The architecture comes from `asa_config.json`
 in the checkpoint folder (or the Megatron-LM save folder above it), else from the
-Megatron-LM arguments in `common.pt`.
+Megatron-LM arguments in the checkpoint's common state.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def find_record(checkpoint: MegatronCheckpoint) -> tuple[dict, str]:
     for folder in (checkpoint.directory, checkpoint.root):
         if folder is not None and (folder / ASA_CONFIG_FILE).is_file():
             return read_record_file(folder / ASA_CONFIG_FILE), str(folder / ASA_CONFIG_FILE)
-    common = checkpoint.directory / "common.pt"
+    common = checkpoint.common_state_source()
     args = checkpoint.common_state().get("args")
     if args is not None:
         record = record_from_megatron_lm_args(args)

@@ -12,6 +12,8 @@ two chunks and two ranks.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from cpu_support import run_checks
@@ -33,7 +35,13 @@ from tiny_gpt import (
 )
 
 from megatron_nsa.compat import get_batch_on_this_cp_rank
-from megatron_nsa.context_parallel import ContextParallelLayout, bytes_sent
+from megatron_nsa.context_parallel import (
+    ContextParallelLayout,
+    bytes_sent,
+    comm_timer,
+    start_gather,
+    start_halos,
+)
 
 # Pattern "LG" with l=8, s=4, l'=16, n=3 (the issue's model), window 16.
 ASA = {"attention_pattern": "LG", "select_top_n": 3}
@@ -95,21 +103,31 @@ def compare(overrides: dict, cp: int, tp: int = 1, data: dict | None = None,
     assert_close_dicts(got_grads, expected_grads, atol=1e-5)
 
 
+def owner(cp: int, length: int, token: int) -> int:
+    """The rank holding global token `token`: chunk k = token // C is rank k for k < P,
+    else rank 2P-1-k."""
+    k = token // (length // (2 * cp))
+    return k if k < cp else 2 * cp - 1 - k
+
+
 def halo_tokens_sent(cp: int, rank: int, length: int, halo: int) -> int:
-    """Tokens `rank` sends in one direction of a halo exchange, counted token by token: the
-    owner of global token g holds chunk g // C, which is rank k for k < P, else 2P-1-k."""
+    """Tokens `rank` sends in one direction of a halo exchange, counted token by token."""
     chunk = length // (2 * cp)
-
-    def owner(token: int) -> int:
-        k = token // chunk
-        return k if k < cp else 2 * cp - 1 - k
-
     return sum(
-        owner(token) == rank
+        owner(cp, length, token) == rank
         for dst in range(cp) if dst != rank
         for k in (dst, 2 * cp - 1 - dst)
         for token in range(max(0, k * chunk - halo), k * chunk)
     )
+
+
+def compressed_rows(cp: int, length: int, block: int, stride: int) -> int:
+    """The most compression blocks one rank owns, a block belonging to the rank that holds
+    its last token."""
+    counts = Counter(
+        owner(cp, length, i * stride + block - 1) for i in range((length - block) // stride + 1)
+    )
+    return max(counts.values())
 
 
 def check_bytes(cp: int, tp: int = 1) -> None:
@@ -123,15 +141,26 @@ def check_bytes(cp: int, tp: int = 1) -> None:
         assert tokens == halo * ((rank < cp - 1) + (rank > 0))
         assert tokens == halo_tokens_sent(cp, rank, 4 * SEQ, halo)  # independent of T
     halo_bytes = tokens * BATCH * (config.kv_lora_rank + config.qk_pos_emb_head_dim) * 4
-    # Global layers (2, 4): all-gather of h_c / TP latent heads + k^R, reduce-scatter in fp32.
-    width = (config.global_num_latent_heads // tp) * config.global_kv_lora_rank
-    gather = (cp - 1) * local * BATCH * (width + config.qk_pos_emb_head_dim) * 4
-    expected = {
-        (1, "halo", "forward"): halo_bytes, (1, "halo", "backward"): halo_bytes,
-        (3, "halo", "forward"): halo_bytes, (3, "halo", "backward"): halo_bytes,
-        (2, "latent", "forward"): gather, (2, "latent", "backward"): gather,
-        (4, "latent", "forward"): gather, (4, "latent", "backward"): gather,
-    }
+    # Global layers (2, 4): h_c / TP latent heads + k^R per token: all-gathered, and the
+    # l - 1 tokens before each chunk for its compression blocks; then the compressed tokens
+    # (d_c' + d_R per latent head) all-gathered, padded to the rank owning the most blocks.
+    heads = config.global_num_latent_heads // tp
+    width = heads * config.global_kv_lora_rank + config.qk_pos_emb_head_dim
+    gather = (cp - 1) * local * BATCH * width * 4
+    block, stride = config.compress_block_size, config.compress_stride
+    cmp_halo = halo_tokens_sent(cp, rank, SEQ, block - 1) * BATCH * width * 4
+    rows = compressed_rows(cp, SEQ, block, stride)
+    compressed = (cp - 1) * rows * BATCH * heads * (
+        config.global_kv_lora_rank + config.qk_pos_emb_head_dim
+    ) * 4
+    expected = {}
+    for phase in ("forward", "backward"):
+        for layer in (1, 3):
+            expected[(layer, "halo", phase)] = halo_bytes
+        for layer in (2, 4):
+            expected[(layer, "latent", phase)] = gather
+            expected[(layer, "compress_halo", phase)] = cmp_halo
+            expected[(layer, "compressed", phase)] = compressed
     assert dict(bytes_sent) == expected, (dict(bytes_sent), expected)
 
 
@@ -217,6 +246,63 @@ def cp2_bad_inputs_fail_before_communication(rank, world_size):
         build_model(tiny_config(**ASA))
 
 
+def cp2_exchanges_are_asynchronous_and_timed(rank, world_size):
+    """An all-gather and a halo exchange return with their work in flight (the caller
+    computes meanwhile) and deliver the right tokens and gradients once waited for; with
+    the comm timer on, each is waited for where it starts and timed, forward and backward."""
+    init_parallel(tiny_config(context_parallel_size=2, **ASA))
+    group = parallel_state.get_context_parallel_group()
+    layouts = [ContextParallelLayout.of_rank(2, r, SEQ) for r in range(2)]
+    layout, halo = layouts[rank], 30  # longer than a chunk (24): halos span two chunks
+
+    def values(positions: torch.Tensor) -> torch.Tensor:  # [n] -> [n, 3], one row per token
+        return positions[:, None].double() * torch.tensor([1.0, -2.0, 0.5], dtype=torch.double)
+
+    def run(timed: bool):
+        x = values(layout.local_indices()).requires_grad_()
+        if timed:
+            comm_timer.start()
+        gather = start_gather(x, layout, group, 7, "test_gather")
+        halos = start_halos(x, layout, halo, group, 7, "test_halo")
+        assert bool(gather.works) != timed and bool(halos.transfer.works) != timed
+        gathered, with_halos = gather.wait(), halos.wait()
+        keys = layout.window_key_positions(halo, "cpu")
+        torch.testing.assert_close(gathered, values(torch.arange(SEQ)), rtol=0, atol=0)
+        torch.testing.assert_close(with_halos, values(keys), rtol=0, atol=0)
+        # Each token's gradient sums its uses on every rank: gathered by both ranks, and
+        # read as key (chunk or halo) wherever window_key_positions lists it.
+        loss = (gathered * values(torch.arange(SEQ))).sum() + (with_halos * values(keys)).sum()
+        loss.backward()
+        mine = layout.local_indices()[:, None]
+        uses = sum((ly.window_key_positions(halo, "cpu")[None] == mine).sum(1) for ly in layouts)
+        expected = values(layout.local_indices()) * (2 + uses[:, None])
+        torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=0)
+        return comm_timer.stop()
+
+    assert not run(timed=False)  # the timer records nothing while off
+    spans = run(timed=True)
+    assert set(spans) == {(7, what, phase) for what in ("test_gather", "test_halo")
+                          for phase in ("forward", "backward")}, spans
+    assert all(ms >= 0 for ms in spans.values())
+
+
+def cp2_comm_timer_in_a_model(rank, world_size):
+    """A model step gives the same losses with the timer on, which times every exchange
+    that `bytes_sent` counts."""
+    config = tiny_config(context_parallel_size=2, **ASA)
+    init_parallel(config)
+    chunks = build_model(config)
+    local = get_batch_on_this_cp_rank(batch())
+    bytes_sent.clear()
+    loss = forward_backward(chunks, local)
+    assert not comm_timer.stop()
+    comm_timer.start()
+    timed_loss = forward_backward(chunks, local)
+    spans = comm_timer.stop()
+    torch.testing.assert_close(timed_loss, loss, rtol=0, atol=0)
+    assert set(spans) == set(bytes_sent), (set(spans), set(bytes_sent))
+
+
 TWO_RANKS = [
     cp2_local_and_global_layers,
     cp2_halo_spans_several_chunks,
@@ -225,6 +311,8 @@ TWO_RANKS = [
     cp2_triton_kernels_with_recompute,
     cp2_full_layer_recompute,
     cp2_bad_inputs_fail_before_communication,
+    cp2_exchanges_are_asynchronous_and_timed,
+    cp2_comm_timer_in_a_model,
 ]
 
 
