@@ -8,23 +8,13 @@ else in a Megatron config is refused here, naming the field, before any file is 
 from __future__ import annotations
 
 from ..checkpoint import RECORD_FORMAT, RECORD_VERSION
+from ..megatron_lm import ASA_FIELDS as MEGATRON_ASA_FIELDS
 from .configuration_asa import ACTIVATIONS, NORMALIZATIONS, POSITION_EMBEDDINGS, ASAConfig
 from .errors import ConversionError
 
-ASA_FIELDS = (
-    "attention_pattern",
-    "sliding_window_size",
-    "compress_block_size",
-    "compress_stride",
-    "select_block_size",
-    "select_top_n",
-    "selection_query_block",
-    "global_num_latent_heads",
-    "global_kv_lora_rank",
-    "compressor",
-    "compress_mlp_hidden_size",
-)
-"""Fields with the same name and meaning on both sides."""
+ASA_FIELDS = tuple(field for field in MEGATRON_ASA_FIELDS if field != "nsa_backend")
+"""Fields with the same name and meaning on both sides: the ASA fields of the Megatron config
+but the kernel backend, which is a run-time choice, not part of the model."""
 
 
 def _refuse(source: str, field: str, value: object, why: str) -> ConversionError:
