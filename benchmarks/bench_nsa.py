@@ -71,6 +71,7 @@ SETTINGS = {
     "asa-g8-latent": asa(8, latent=True),
     "asa-g4-latent": asa(4, latent=True),
     "asa-g8-q4": asa(8, latent=False, query_block=4),
+    "asa-g4-q4": asa(4, latent=False, query_block=4),
     "asa-g8-latent-q4": asa(8, latent=True, query_block=4),
 }
 
@@ -121,7 +122,10 @@ def branches(q, k, v, setting: Setting) -> dict[str, float]:
     indices = select()
 
     def selected() -> torch.Tensor:
-        return selected_attention(q, k, v, indices, setting.select_block_size, backend="triton")
+        return selected_attention(
+            q, k, v, indices, setting.select_block_size,
+            selection_query_block=setting.query_block, backend="triton",
+        )
 
     return {
         "cmp fwd+bwd": timed(fwd_and_fwd_bwd(compressed, inputs)[1]),

@@ -44,14 +44,20 @@ def shuffled(configs: list) -> list:
 
 
 def candidates_selected(default: slc_op.TileConfig) -> list[slc_op.TileConfig]:
-    grid = itertools.product((4, 8, 16), (32, 64, 128), (4, 8), (4, 8), (1, 2, 3))
-    out = [default]
-    for block_q, rows, warps, bwd_warps, stages in grid:
-        cfg = replace(default, block_q=block_q, dkv_rows=rows, num_warps=warps,
-                      bwd_warps=bwd_warps, num_stages=stages)
-        if cfg != default:
-            out.append(cfg)
-    return shuffled(out)
+    """The default (forward and dQ from the key blocks at these shapes), the query-major
+    passes with their default tile, then a sample of both kinds: rows per key-major step or
+    queries per query tile, dK/dV rows, warps and pipeline stages."""
+    query_major = replace(default, key_major=False, block_q=4 * QB)
+    rest = []
+    for rows, dkv_rows, warps, bwd_warps, stages in itertools.product(
+        (32, 64, 128), (32, 64), (4, 8), (4, 8), (1, 2)
+    ):
+        common = dict(dkv_rows=dkv_rows, num_warps=warps, bwd_warps=bwd_warps,
+                      num_stages=stages)
+        rest.append(replace(default, key_rows=rows, **common))
+        rest.append(replace(query_major, block_q=rows // 8, **common))
+    rest = [cfg for cfg in dict.fromkeys(rest) if cfg not in (default, query_major)]
+    return [default, query_major, *shuffled([default, *rest])[1:]]
 
 
 def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

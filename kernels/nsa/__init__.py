@@ -37,13 +37,15 @@ def nsa_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     q_offset: int = 0,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """q [B, T, HQ, DK]; k, v [B, o + T, HK, DK|DV] (selection keys); k_cmp, v_cmp
     [B, N, HK, DK|DV] (compressed keys of the o + T tokens); gates [B, T, HQ] (already
     through the sigmoid). The window branch runs when `window_size` is given, on
     k_window/v_window (default k, v) -> o [B, T, HQ, DV]. With `q_offset` o the queries are
-    the last T of the keys (query i at position o + i): one context-parallel chunk."""
+    the last T of the keys (query i at position o + i): one context-parallel chunk.
+    `deterministic`: no fp32 atomics in the selected branch (bitwise repeatable)."""
     gates = {"gate_cmp": gate_cmp, "gate_slc": gate_slc, "gate_window": gate_window}
     for name, gate in gates.items():
         if gate is not None and gate.shape != q.shape[:3]:
@@ -59,7 +61,10 @@ def nsa_attention(
         num_selection_heads=num_selection_heads, selection_query_block=selection_query_block,
         lse=lse_cmp.detach(), **common,
     )
-    o_slc = selected_attention(q, k, v, indices, select_block_size, **common)
+    o_slc = selected_attention(
+        q, k, v, indices, select_block_size, selection_query_block=selection_query_block,
+        deterministic=deterministic, **common,
+    )
     out = gate_cmp.unsqueeze(-1) * o_cmp + gate_slc.unsqueeze(-1) * o_slc
     if window_size is not None:
         o_win = sliding_window_attention(

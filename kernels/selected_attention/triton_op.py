@@ -8,20 +8,31 @@ divide the other; this covers GQA/NSA (HI == HK), un-absorbed GLA (HK == HQ) and
 both their keys and their selection: those heads are the rows of every tl.dot, so no group
 size is too small (rows are padded to 16 by masking when needed).
 
-Forward and dQ: a program owns BLOCK_Q consecutive queries of one unit (BLOCK_Q x UNIT rows)
-and walks the union of their selections, precomputed per query tile with torch ops as the
-ascending distinct blocks plus a bitmask of the tile's queries that chose each one. Every
-block is read once and masked, row by row, to those queries and to keys j <= t; indices that
-are -1, repeated in a row or after the query's own block are dropped, so repeats count once,
-as in the reference. The forward keeps an online softmax in base 2 and saves the
-log-sum-exp; rows that see no key give o = 0 and lse = -inf, never NaN.
-
 dK/dV: an inverse index in CSR form (built with torch ops: for each batch row, owner head and
 key block, the queries that chose the block, in ascending order) lets one program own one key
-block of one KV head and loop over its queries in steps of rows, so no atomics are used and
-every query that picked the block is counted, however many there are. Lists longer than
+block of one KV head and loop over its queries in steps of rows, so dK and dV need no atomics
+and every query that picked the block is counted, however many there are. Lists longer than
 `dkv_chunk` (block 0 is chosen by every query) are split over several programs that write
-fp32 partial sums; a second kernel adds them in a fixed order, so results are deterministic.
+fp32 partial sums; a second kernel adds them in a fixed order, so dK and dV are deterministic.
+
+Forward and dQ, key-major (units of fewer than 16 heads, whole head dims): the same programs
+over the same lists. The forward takes two launches: the log-sum-exp of each (query, head)
+row over one block's keys, combined per row with torch ops, then P V of every block with
+the now-normalised P, added into an fp32 output with relaxed atomics; dQ adds dS K the same
+way inside the dK/dV program. A query gets one add per block it chose, so there is little
+contention, and each chosen block is read once per list step instead of once per query.
+
+Forward and dQ, query-major (units of 16+ heads, which fill a tile's rows with one query's
+heads; head dims split over tiles; `key_major=False`, whose results are bitwise
+deterministic): a program owns BLOCK_Q consecutive queries of one unit (BLOCK_Q x UNIT
+rows) and walks the union of their selections, precomputed per query tile with torch ops
+as the ascending distinct blocks plus a bitmask of the tile's queries that chose each one.
+Every block is read once per tile and masked, row by row, to those queries; the forward
+keeps an online softmax in base 2.
+
+Both ways, indices that are -1, repeated in a row or after the query's own block are
+dropped (repeats count once, as in the reference), keys are masked to j <= t, the forward
+saves the base-2 log-sum-exp, and rows that see no key give o = 0 and lse = -inf, never NaN.
 
 Head dims up to `TileConfig.head_tile` (after rounding up to a power of two) stay whole in
 registers; wider ones (latent-absorbed 576/512) are reduced in chunks of `head_chunk` and the
@@ -32,7 +43,7 @@ token or row offset is widened to int64 before it is multiplied by a stride.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -51,14 +62,21 @@ LOG2E = math.log2(math.e)
 class TileConfig:
     """Tile sizes and launch settings; `default_tiles` picks them per device."""
 
-    block_q: int | None = None  # queries per forward/dQ program (<= 31); None: see Problem
+    block_q: int | None = None  # queries per query-major program (<= 31); None: see Problem
     dkv_rows: int = 64  # (query, head) rows per step of the dK/dV loop
-    dkv_chunk: int | None = None  # queries per dK/dV program; None: balance over the device
+    dkv_chunk: int | None = None  # list entries per key-block program; None: balance the device
     head_tile: int = 256  # widest (power-of-two) head dim kept whole; wider dims are split
     head_chunk: int = 64  # reduction chunk of head dims wider than head_tile
     num_warps: int = 4
     bwd_warps: int = 4
     num_stages: int = 2
+    # The forward and dQ from the key blocks' query lists, as dK/dV: both read each chosen
+    # block once instead of once per query tile, and add into fp32 buffers with relaxed
+    # atomics. False: query-major forward and dQ passes (bitwise deterministic); None: key-major
+    # when a unit has fewer than 16 heads (rows a query tile pads or fills from several
+    # selections). Key-major needs both head dims whole in one tile (`head_tile`).
+    key_major: bool | None = None
+    key_rows: int = 64  # (query, head) rows per step of the key-major forward loops
 
 
 def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) -> TileConfig:
@@ -67,7 +85,7 @@ def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) ->
     64 otherwise; heads split into tiles (latent-absorbed 576/512) are not pipelined, as two
     stages of their tiles pass sm_90's shared memory."""
     if device.type != "cuda":
-        return TileConfig(block_q=16, dkv_rows=32, num_stages=1)
+        return TileConfig(block_q=16, dkv_rows=32, key_rows=32, num_stages=1)
     if dtype == torch.float32:
         return TileConfig(dkv_rows=32, num_stages=1)
     if max(dk, dv) > TileConfig.head_tile:
@@ -349,6 +367,85 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_key_major_kernel(
+    q, k, v, lse, part_lse, o_acc, items, queries, tiles, cu_seqlens,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    seq_len, num_blocks, q_offset, scale_log2,
+    HQ: tl.constexpr, OWNERS: tl.constexpr, KV_PER_OWNER: tl.constexpr,
+    SEL_PER_OWNER: tl.constexpr, KV_GROUP: tl.constexpr, UNIT: tl.constexpr,
+    UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PACKED: tl.constexpr,
+    PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """The forward from one key block of one KV head and one piece of its query list (work
+    items as for dK/dV), in two launches. First (ACCUMULATE=False): the base-2 log-sum-exp of
+    each (entry, head) row over this block's visible keys, into part_lse [E, KV_PER_OWNER *
+    UNIT]. Then, with the rows' combined lse: P V of this block added into the fp32
+    [B, T, HQ, DV] buffer o_acc; P is already normalised, so the adds need no rescaling."""
+    item = items + 4 * tl.program_id(0).to(tl.int64)
+    seg = tl.load(item)
+    lo = tl.load(item + 1)
+    end = tl.load(item + 2)
+    kv_sub = tl.program_id(1)
+    gid = seg % num_blocks
+    b = seg // num_blocks // OWNERS
+    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
+    if PACKED:
+        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
+    else:
+        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
+
+    offs_k = tl.arange(0, BLOCK_K)
+    key = start + offs_k  # [BK] positions inside the sequence
+    k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_rows = (bos + key).to(tl.int64) * stride_kt
+    k_tile = _load_rows(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, offs_dk, DK,
+                        stride_kd)  # [BK, DK]
+    if ACCUMULATE:
+        v_rows = (bos + key).to(tl.int64) * stride_vt
+        v_tile = _load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
+                            stride_vd)  # [BK, DV]
+
+    r = tl.arange(0, BLOCK_R)
+    g = r % UNIT_P
+    q_base = q + b * stride_qb
+    for step in range(lo, end, ROWS_Q):
+        entry = step + r // UNIT_P
+        row_ok = (r // UNIT_P < ROWS_Q) & (g < UNIT) & (entry < end)
+        code = tl.load(queries + entry, mask=row_ok, other=0).to(tl.int64)
+        tok = code // SEL_PER_OWNER  # [BR] token in the batch row
+        h = hk * KV_GROUP + (code % SEL_PER_OWNER) * UNIT + g
+        q_t = _load_rows(q_base, tok * stride_qt + h * stride_qh, row_ok, offs_dk, DK,
+                         stride_qd)  # [BR, DK]
+        s = tl.dot(q_t, tl.trans(k_tile), input_precision=PRECISION) * scale_log2  # [BR, BK]
+        visible = row_ok[:, None] & k_ok[None, :]
+        visible = visible & (key[None, :] <= (q_offset + tok - bos)[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        if ACCUMULATE:
+            row_off = (b * seq_len + tok) * HQ + h
+            lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
+            lse_row = tl.where(lse_row == float("-inf"), 0.0, lse_row)
+            p = tl.exp2(s - lse_row[:, None])
+            o_rows = tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)  # [BR, DV]
+            o_ptr = o_acc + row_off[:, None] * DV + offs_dv[None, :]
+            tl.atomic_add(o_ptr, o_rows, mask=row_ok[:, None] & (offs_dv < DV)[None, :],
+                          sem="relaxed")
+        else:
+            m = tl.max(s, axis=1)
+            m_ref = tl.where(m == float("-inf"), 0.0, m)  # rows that see no key here
+            l_row = tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
+            part = tl.where(l_row > 0, m_ref + tl.log2(tl.where(l_row > 0, l_row, 1.0)),
+                            float("-inf"))
+            col = entry.to(tl.int64) * (KV_PER_OWNER * UNIT) + kv_sub * UNIT + g
+            tl.store(part_lse + col, part, mask=row_ok)
+
+
+@triton.jit
 def _delta_kernel(o, do, delta, num_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) in fp32 over contiguous [rows, DV] o and dO."""
@@ -467,7 +564,7 @@ def _dq_kernel(
 
 @triton.jit
 def _dkv_kernel(
-    q, k, v, do, lse, delta, dk, dv, part_k, part_v, items, queries, tiles, cu_seqlens,
+    q, k, v, do, lse, delta, dk, dv, dq_acc, part_k, part_v, items, queries, tiles, cu_seqlens,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -483,12 +580,14 @@ def _dkv_kernel(
     ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, TILE_DV: tl.constexpr,
-    PACKED: tl.constexpr, PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     """dK/dV of one key block of one KV head (x one accumulator tile) from one piece of the
     block's query list. Work item: (segment, first entry, end, partial slot or -1); segment =
     (b * OWNERS + owner) * num_blocks + block. A list entry is token * SEL_PER_OWNER + the
-    selection head inside the owner; each step takes ROWS_Q entries x UNIT heads as rows."""
+    selection head inside the owner; each step takes ROWS_Q entries x UNIT heads as rows.
+    With DQ_ATOMIC (whole head dims only) each step also adds its rows' dQ share, dS K, into
+    the fp32 [B, T, HQ, DK] buffer `dq_acc`."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
     lo = tl.load(item + 1)
@@ -566,6 +665,11 @@ def _dkv_kernel(
         dv_acc += tl.dot(p.to(do_t.dtype), do_t, input_precision=PRECISION)
         ds = p * (dp - delta_row[None, :])
         dk_acc += tl.dot(ds.to(q_t.dtype), q_t, input_precision=PRECISION)
+        if DQ_ATOMIC:
+            dq_rows = tl.dot(tl.trans(ds.to(k_tile.dtype)), k_tile, input_precision=PRECISION)
+            dq_ptr = dq_acc + row_off[:, None] * DK + offs_dk[None, :]
+            tl.atomic_add(dq_ptr, dq_rows * scale, mask=row_ok[:, None] & (offs_dk < DK)[None, :],
+                          sem="relaxed")
 
     # The whole list: the gradient itself. A piece of it: an fp32 partial sum in `slot`.
     mask_k = k_ok[:, None] & (cols_k < DK)[None, :]
@@ -695,19 +799,26 @@ def tile_unions(
     return union.to(torch.int32), members.to(torch.int32), counts.to(torch.int32)
 
 
+@dataclass(frozen=True)
+class InverseIndex:
+    """CSR of the queries that chose each key block (see `inverse_index`)."""
+
+    offsets: torch.Tensor  # int64 [B * owners * num_blocks + 1]
+    entries: torch.Tensor  # [E] token * sel_per_owner + selection head inside the owner
+    num_blocks: int
+
+
 def inverse_index(
     block_indices: torch.Tensor,
     block_size: int,
     heads: HeadLayout,
     layout: SeqLayout,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """CSR of the queries that chose each key block.
-
-    block_indices [B, T, HI, n] -> (offsets int64 [B * owners * num_blocks + 1], entries
-    [E] (token * sel_per_owner + selection head inside the owner; int32 when it fits),
-    num_blocks). Segment (b * owners + owner) * num_blocks + block lists its entries in
-    ascending order; only `usable_indices` count, blocks numbered globally over the packed
-    documents.
+) -> tuple[InverseIndex, torch.Tensor]:
+    """For block_indices [B, T, HI, n]: segment (b * owners + owner) * num_blocks + block
+    lists its entries in ascending order (int32 when they fit); only `usable_indices` count,
+    blocks numbered globally over the packed documents. Also returns positions int64
+    [B, T, HI, n], the entry of each choice (-1 if not usable): the key-major forward
+    combines per-entry results with them.
     """
     batch, seqlen, sel_heads, _ = block_indices.shape
     device = block_indices.device
@@ -725,7 +836,11 @@ def inverse_index(
     num_segments = batch * heads.owners * num_blocks
     offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(torch.bincount(segment, minlength=num_segments), 0)
-    return offsets, entries, num_blocks
+    positions = torch.full(valid.shape, -1, dtype=torch.int64, device=device)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=device)
+    positions[valid] = rank
+    return InverseIndex(offsets, entries, num_blocks), positions
 
 
 def split_work(
@@ -755,7 +870,7 @@ def split_work(
 
 
 def dkv_chunk(cfg: TileConfig, entries: int, programs_per_item: int, device: torch.device) -> int:
-    """Longest query list one dK/dV program takes: about two waves of equal work on the
+    """Longest query list one key-block program takes: about two waves of equal work on the
     device, never under 1024 entries (short lists are not worth a reduction)."""
     if cfg.dkv_chunk is not None:
         return cfg.dkv_chunk
@@ -778,6 +893,7 @@ class Problem:
     heads: HeadLayout
     layout: SeqLayout
     cfg: TileConfig
+    share: int = 1  # consecutive queries that share one selection (a hint)
 
     @property
     def unit_p(self) -> int:
@@ -785,9 +901,18 @@ class Problem:
 
     @property
     def block_q(self) -> int:
-        """Queries per forward/dQ program: given, or enough to fill 16 rows (at most 4, so
-        that tiles whose queries chose different blocks stay cheap)."""
-        return self.cfg.block_q or min(4, max(1, 16 // self.unit_p))
+        """Queries per query-major program: given, or enough to fill 16 rows but at most four
+        distinct selections, so that tiles whose queries chose different blocks stay cheap
+        (the union of a tile's selections is what a program reads)."""
+        return self.cfg.block_q or min(4 * self.share, max(1, 16 // self.unit_p))
+
+    def key_major(self, dk: int, dv: int) -> bool:
+        """Whether the forward and dQ run from the key blocks (see `TileConfig.key_major`).
+        With 16 heads per unit a query tile is 16 rows of one query's selection, and the
+        query-major passes measured faster (64 query heads on 4 KV heads: 139 vs 157 ms
+        fwd+bwd at 64k on an H100, with dQ alone key-major)."""
+        wanted = self.heads.unit < 16 if self.cfg.key_major is None else self.cfg.key_major
+        return wanted and max(dk, dv) <= self.cfg.head_tile
 
     def unit_constants(self) -> dict[str, int]:
         """Row layout shared by the forward and dQ kernels."""
@@ -809,8 +934,8 @@ def attention_forward(
     unions: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     prob: Problem,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, HQ, DV], lse [B, T, HQ] fp32 in base 2, -inf on rows that see no key);
-    `unions` is `tile_unions(...)` for prob.block_q."""
+    """Query-major forward: (o [B, T, HQ, DV], lse [B, T, HQ] fp32 in base 2, -inf on rows
+    that see no key); `unions` is `tile_unions(...)` for prob.block_q."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     o = q.new_empty(batch, seqlen, heads, dv)
@@ -832,6 +957,65 @@ def attention_forward(
     return o, lse
 
 
+def combine_lse(part_lse: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows' log-sum-exp [B, T, HQ] (base 2, -inf where no key is seen) from the per-entry
+    ones part_lse [E, C]: a row's n choices sit at `positions` [B, T, HI, n], its head at
+    column h % C of selection head h // C."""
+    parts = part_lse[positions.clamp(min=0)]  # [B, T, HI, n, C]
+    parts = parts.masked_fill((positions < 0)[..., None], float("-inf"))
+    top = parts.amax(dim=3, keepdim=True)  # [B, T, HI, 1, C]
+    top = torch.where(torch.isinf(top), 0.0, top)
+    lse = top.squeeze(3) + torch.log2(torch.exp2(parts - top).sum(dim=3))
+    return lse.reshape(*positions.shape[:2], heads)
+
+
+def attention_forward_key_major(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: InverseIndex,
+    positions: torch.Tensor,
+    prob: Problem,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key-major forward, same results as `attention_forward`: per-entry log-sum-exps, their
+    combination per row, then P V added from every chosen block."""
+    batch, seqlen, heads, dk = q.shape
+    dv = v.shape[-1]
+    layout, heads_layout, cfg = prob.layout, prob.heads, prob.cfg
+    columns = heads_layout.kv_per_owner * heads_layout.unit
+    num_entries = index.entries.numel()
+    part_lse = torch.empty(max(num_entries, 1), columns, dtype=torch.float32, device=q.device)
+    o_acc = torch.zeros(batch, seqlen, heads, dv, dtype=torch.float32, device=q.device)
+    chunk = dkv_chunk(cfg, num_entries, heads_layout.kv_per_owner, q.device)
+    items, _, _ = split_work(index.offsets, chunk)
+    block_table, _ = layout.tiles(prob.block_size, q.device)
+    rows_q = max(1, cfg.key_rows // prob.unit_p)
+    launch = dict(
+        HQ=heads, OWNERS=heads_layout.owners, KV_PER_OWNER=heads_layout.kv_per_owner,
+        SEL_PER_OWNER=heads_layout.sel_per_owner, KV_GROUP=heads // heads_layout.kv_heads,
+        UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size, DK=dk, DV=dv,
+        ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
+        BLOCK_K=max(16, triton.next_power_of_2(prob.block_size)),
+        BLOCK_DK=head_split(dk, cfg).block, BLOCK_DV=head_split(dv, cfg).block,
+        PACKED=layout.packed, PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    def run(lse: torch.Tensor, accumulate: bool) -> None:
+        if items.shape[0]:
+            _fwd_key_major_kernel[(items.shape[0], heads_layout.kv_per_owner)](
+                q, k, v, lse, part_lse, o_acc, items, index.entries, block_table,
+                layout.cu_seqlens, *q.stride(), *k.stride(), *v.stride(),
+                seqlen, index.num_blocks, layout.q_offset, prob.scale * LOG2E,
+                ACCUMULATE=accumulate, **launch,
+            )
+
+    run(o_acc, accumulate=False)  # the first pass reads no lse
+    lse = combine_lse(part_lse, positions, heads)
+    run(lse, accumulate=True)
+    return o_acc.to(q.dtype), lse
+
+
 def attention_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -840,10 +1024,13 @@ def attention_backward(
     o: torch.Tensor,
     lse: torch.Tensor,
     block_indices: torch.Tensor,
-    unions: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    unions: tuple[torch.Tensor, ...],
     prob: Problem,
+    index: InverseIndex | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): delta, then dQ per query tile, then dK/dV per key block."""
+    """(dq, dk, dv): delta, then dK/dV (and dQ when `Problem.key_major`) per key block;
+    `unions` (as for the forward) are needed only by the query-major dQ pass, `index` (the
+    key-major forward's) is built when not given."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     cfg, heads_layout, layout = prob.cfg, prob.heads, prob.layout
@@ -867,18 +1054,23 @@ def attention_backward(
         BLOCK_DV=vsplit.block, NUM_DV=vsplit.chunks, PACKED=layout.packed, PRECISION=precision,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
     )
-    union, members, counts = unions
-    tiles, n_tiles = layout.tiles(prob.block_q, q.device)
-    _dq_kernel[(n_tiles, batch * heads_layout.units, ksplit.tiles)](
-        q, k, v, do, lse, delta, dq, union, members, counts, tiles, layout.cu_seqlens,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        seqlen, n_tiles, union.shape[-1], layout.q_offset, prob.scale, prob.scale * LOG2E,
-        TILE_DK=ksplit.tile, **prob.unit_constants(), **common,
-    )
+    key_major = prob.key_major(dk, dv)
+    if key_major:
+        dq_acc = torch.zeros(batch, seqlen, heads, dk, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = dq  # unused by the kernel
+        union, members, counts = unions
+        tiles, n_tiles = layout.tiles(prob.block_q, q.device)
+        _dq_kernel[(n_tiles, batch * heads_layout.units, ksplit.tiles)](
+            q, k, v, do, lse, delta, dq, union, members, counts, tiles, layout.cu_seqlens,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            seqlen, n_tiles, union.shape[-1], layout.q_offset, prob.scale, prob.scale * LOG2E,
+            TILE_DK=ksplit.tile, **prob.unit_constants(), **common,
+        )
 
-    offsets, entries, num_blocks = inverse_index(
-        block_indices, prob.block_size, heads_layout, layout
-    )
+    if index is None:
+        index, _ = inverse_index(block_indices, prob.block_size, heads_layout, layout)
+    offsets, entries, num_blocks = index.offsets, index.entries, index.num_blocks
     acc_tiles = max(ksplit.tiles, vsplit.tiles)
     chunk = dkv_chunk(cfg, entries.numel(), heads_layout.kv_per_owner * acc_tiles, q.device)
     items, splits, num_slots = split_work(offsets, chunk)
@@ -889,7 +1081,7 @@ def attention_backward(
     rows_q = max(1, cfg.dkv_rows // prob.unit_p)
     block_k = max(16, triton.next_power_of_2(prob.block_size))
     _dkv_kernel[(items.shape[0], heads_layout.kv_per_owner, acc_tiles)](
-        q, k, v, do, lse, delta, dk_out, dv_out, part_k, part_v, items, entries,
+        q, k, v, do, lse, delta, dk_out, dv_out, dq_acc, part_k, part_v, items, entries,
         block_table, layout.cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
         *dv_out.stride(), *part_k.stride(), *part_v.stride(),
@@ -899,8 +1091,10 @@ def attention_backward(
         UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size,
         ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
         BLOCK_K=block_k,
-        TILE_DK=ksplit.tile, TILE_DV=vsplit.tile, **common,
+        TILE_DK=ksplit.tile, TILE_DV=vsplit.tile, DQ_ATOMIC=key_major, **common,
     )
+    if key_major:
+        dq.copy_(dq_acc)
     if splits.shape[0]:
         _dkv_reduce_kernel[(splits.shape[0], heads_layout.kv_per_owner)](
             part_k, part_v, dk_out, dv_out, splits, block_table, layout.cu_seqlens,
@@ -916,21 +1110,34 @@ def attention_backward(
 
 class SelectedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: the forward saves the log-sum-exp (so the backward recomputes P) and
-    the query tiles' block unions (shared by the forward and dQ)."""
+    what its passes share with the backward: the inverse index (key-major) or the query
+    tiles' block unions (query-major)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, prob):
+        ctx.prob = prob
+        if prob.key_major(q.shape[-1], v.shape[-1]):
+            index, positions = inverse_index(
+                block_indices, prob.block_size, prob.heads, prob.layout
+            )
+            o, lse = attention_forward_key_major(q, k, v, index, positions, prob)
+            ctx.num_blocks = index.num_blocks
+            ctx.save_for_backward(q, k, v, o, lse, block_indices, index.offsets, index.entries)
+            return o
         unions = tile_unions(block_indices, prob.block_size, prob.block_q, prob.layout)
         o, lse = attention_forward(q, k, v, unions, prob)
         ctx.save_for_backward(q, k, v, o, lse, block_indices, *unions)
-        ctx.prob = prob
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, block_indices, *unions = ctx.saved_tensors
+        q, k, v, o, lse, block_indices, *shared = ctx.saved_tensors
+        index, unions = None, tuple(shared)
+        if ctx.prob.key_major(q.shape[-1], v.shape[-1]):
+            offsets, entries = shared
+            index, unions = InverseIndex(offsets, entries, ctx.num_blocks), ()
         dq, dk, dv = attention_backward(
-            do, q, k, v, o, lse, block_indices, tuple(unions), ctx.prob
+            do, q, k, v, o, lse, block_indices, unions, ctx.prob, index
         )
         return dq, dk, dv, None, None
 
@@ -945,6 +1152,8 @@ def selected_attention(
     cu_seqlens: torch.Tensor | None = None,
     tiles: TileConfig | None = None,
     q_offset: int = 0,
+    selection_query_block: int = 1,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Same contract as `reference.selected_attention`, on the Triton kernels.
 
@@ -952,18 +1161,22 @@ def selected_attention(
     [B, T, HI, n] (-1 = none; document-relative with cu_seqlens) -> o [B, T, HQ, DV], 0 on
     rows whose selection holds no key j <= t (o = `q_offset`, query row i at t = o + i).
     Inputs are assumed checked by the public op; HK and HI must divide one another. `tiles`
-    overrides the tile sizes (see `default_tiles`).
+    overrides the tile sizes (see `default_tiles`); without it, `selection_query_block` (the
+    queries that share one selection) sizes the query tiles (see `Problem.block_q`).
+    `deterministic` forces the query-major forward and dQ (no atomics anywhere).
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"selected_attention (triton) does not support dtype {q.dtype}")
     heads = HeadLayout.build(q.shape[2], k.shape[2], block_indices.shape[2])
     if tiles is not None and tiles.block_q is not None and not 1 <= tiles.block_q <= 31:
         raise ValueError(f"block_q={tiles.block_q} must be in [1, 31] (an int32 query bitmask)")
+    cfg = tiles or default_tiles(q.device, q.dtype, q.shape[-1], v.shape[-1])
     prob = Problem(
         block_size=select_block_size,
         scale=softmax_scale(scale, q.shape[-1]),
         heads=heads,
         layout=SeqLayout.build(q.shape[1], cu_seqlens, q.device, q_offset),
-        cfg=tiles or default_tiles(q.device, q.dtype, q.shape[-1], v.shape[-1]),
+        cfg=replace(cfg, key_major=False) if deterministic else cfg,
+        share=selection_query_block,
     )
     return SelectedAttentionFunction.apply(q, k, v, block_indices.to(q.device), prob)

@@ -352,6 +352,8 @@ class GlobalCoreAttention(ASACoreAttention):
         (`indices`) of the keys k, v [b, q_offset + t, H, d]; gates [b, t, H, 2]."""
         o_slc = nsa_kernels.selected_attention(
             q, k, v, indices, self.config.select_block_size,
+            selection_query_block=self.config.selection_query_block,
+            deterministic=self.config.deterministic_mode,
             **self.op_arguments(cu_seqlens, q_offset),
         )
         return gates[..., :1] * o_cmp + gates[..., 1:] * o_slc

@@ -148,5 +148,6 @@ class NSACoreAttention(ASACoreAttention):
             scale=self.softmax_scale,
             cu_seqlens=cu_seqlens,
             q_offset=q_offset,
+            deterministic=config.deterministic_mode,
             backend=self.backend,
         )

@@ -9,7 +9,6 @@ from .loading import (
     collate_packed,
     cu_seqlens_from_tokens,
 )
-from .prepare import prepare_dataset
 from .tokenizer import (
     EOD_TOKEN,
     PAD_TOKEN,
@@ -19,6 +18,17 @@ from .tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+
+
+def __getattr__(name: str) -> object:
+    """`prepare_dataset` is imported on first use, so that `python -m
+    megatron_nsa.data.prepare` runs a module its package has not imported yet."""
+    if name == "prepare_dataset":
+        from .prepare import prepare_dataset
+
+        return prepare_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EOD_TOKEN",

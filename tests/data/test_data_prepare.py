@@ -1,6 +1,8 @@
 """The prepare command: its outputs, refusing to overwrite, and no partial output on failure."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -34,6 +36,18 @@ def test_command_line(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["documents"], summary["vocab_size"]) == (2, 300)
     assert "tokenized 2 documents" in capsys.readouterr().out
+
+
+def test_runs_as_a_module_without_runpy_warning():
+    """`python -m megatron_nsa.data.prepare` is the documented command: the package must not
+    import the module before runpy executes it (RuntimeWarning, made an error here)."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "megatron_nsa.data.prepare",
+         "--help"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--corpus" in result.stdout
 
 
 def test_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys):

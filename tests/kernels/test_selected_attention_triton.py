@@ -11,9 +11,11 @@ only the selected blocks, so it also runs at 65k tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from nsa_kernels import num_compressed_blocks, selected_attention
+from nsa_kernels import nsa_attention, num_compressed_blocks, selected_attention
 from nsa_kernels import reference as ref_ops
 from nsa_kernels.selected_attention import reference, triton_op
 from nsa_kernels.utils import compressed_cu_seqlens, masked_softmax, softmax_scale
@@ -204,10 +206,12 @@ def test_packed_sequences(layout, group):
     assert_matches_reference(q, k, v, rand, 8, cu_seqlens=cu_seqlens)
 
 
+@pytest.mark.parametrize("key_major", [True, False], ids=["key-major", "query-major"])
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole-lists", "split-lists"])
-def test_block_chosen_by_every_query(chunk):
+def test_block_chosen_by_every_query(chunk, key_major):
     """Every query picks block 0 and its two most recent blocks: block 0's list holds all
-    T queries. Split into pieces of 5 queries, fp32 partials are summed by a second kernel."""
+    T queries. Split into pieces of 5 queries, fp32 partials are summed by a second kernel.
+    Forward and dQ both from the key blocks' lists (atomics) and by query tiles."""
     seqlen, block_size = 30, 4
     q, k, v = make_qkv(1, seqlen, (8, 2, 2), (16, 8), seed=3)
     cur = torch.arange(seqlen) // block_size
@@ -215,8 +219,57 @@ def test_block_chosen_by_every_query(chunk):
     rows = torch.where(rows < 0, -1, rows)
     rows[:, 1:] = torch.where(rows[:, 1:] == 0, -1, rows[:, 1:])  # no repeat of block 0
     indices = rows[None, :, None, :].expand(1, seqlen, 2, 3).to(torch.int32)
-    tiles = triton_op.TileConfig(block_q=16, dkv_rows=16, dkv_chunk=chunk, num_stages=1)
+    tiles = triton_op.TileConfig(block_q=16, dkv_rows=16, dkv_chunk=chunk, num_stages=1,
+                                 key_major=key_major)
     assert_matches_reference(q, k, v, indices, block_size, tiles=tiles)
+
+
+def test_key_major_choice():
+    """Forward and dQ from the key blocks for small units; by query tiles for units of 16
+    heads, for head dims split over tiles, and when asked."""
+
+    def key_major(heads: tuple[int, int, int], dims: tuple[int, int], **tiles) -> bool:
+        prob = triton_op.Problem(
+            block_size=64, scale=1.0, heads=triton_op.HeadLayout.build(*heads),
+            layout=triton_op.SeqLayout(seq_len=8, cu_seqlens=None, lengths=(8,)),
+            cfg=triton_op.TileConfig(**tiles),
+        )
+        return prob.key_major(*dims)
+
+    assert key_major((16, 16, 2), (192, 128))  # per-head keys: units of one head
+    assert not key_major((64, 4, 4), (128, 128))  # units of 16 heads
+    assert not key_major((16, 2, 2), (576, 512))  # head dims split over tiles
+    assert not key_major((16, 16, 2), (192, 128), key_major=False)
+    assert key_major((64, 4, 4), (128, 128), key_major=True)
+
+
+def test_deterministic_takes_no_atomics(monkeypatch):
+    """`deterministic=True` (Megatron's deterministic_mode) runs the query-major forward and
+    dQ even where the key-major ones (fp32 atomics) are the default, in the op and through
+    nsa_attention."""
+    q, k, v = make_qkv(1, 13, (4, 4, 2), (16, 8), seed=9)  # per-head keys: key-major default
+    indices = random_indices(1, 13, 2, 3, 4, forced=True, seed=9)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the key-major forward ran")
+
+    monkeypatch.setattr(triton_op, "attention_forward_key_major", refuse)
+    with pytest.raises(AssertionError, match="key-major"):
+        selected_attention(q, k, v, indices, 4, backend="triton")
+    got = outputs_and_grads(
+        lambda *x: selected_attention(*x, indices, 4, deterministic=True, backend="triton"),
+        q, k, v,
+    )
+    expected = outputs_and_grads(
+        lambda *x: reference.selected_attention(*x, indices, 4), q, k, v
+    )
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+    k_cmp, v_cmp = (torch.randn(1, 5, 4, d) for d in (16, 8))
+    gates = torch.rand(2, 1, 13, 4)
+    nsa_attention(q, k, v, k_cmp, v_cmp, *gates, block_size=4, stride=2, select_block_size=4,
+                  top_n=3, num_selection_heads=2, deterministic=True, backend="triton")
 
 
 def test_rows_without_keys_give_zeros_and_finite_grads():
@@ -244,11 +297,14 @@ def test_rows_without_keys_give_zeros_and_finite_grads():
         (11, triton_op.TileConfig(block_q=1, dkv_rows=16, num_stages=1)),
         (19, triton_op.TileConfig(block_q=3, dkv_rows=64, num_stages=1)),
         (37, triton_op.TileConfig(block_q=31, dkv_rows=12, dkv_chunk=7, num_stages=1)),
+        (37, triton_op.TileConfig(block_q=31, dkv_rows=12, num_stages=1, key_major=False)),
+        (19, triton_op.TileConfig(block_q=3, dkv_rows=64, num_stages=1, key_major=False)),
     ],
-    ids=["q1", "q3", "q31-split"],
+    ids=["q1", "q3", "q31-split", "q31-query-major", "q3-query-major"],
 )
 def test_query_tile_sizes(seqlen, tiles):
-    """One query per program, odd tiles, and one tile holding 31 queries' selections."""
+    """One query per program, odd tiles, and one tile holding 31 queries' selections (with
+    the forward and dQ from the key blocks, and by query tiles)."""
     q, k, v = make_qkv(1, seqlen, (4, 4, 2), (16, 8), seed=5)
     indices = random_indices(1, seqlen, 2, 4, 4, forced=True, seed=5)
     assert_matches_reference(q, k, v, indices, 4, tiles=tiles, scale=0.4)
@@ -303,15 +359,18 @@ def test_rejects_unsupported_head_mapping_and_tiles():
 
 def test_inverse_index_lists_every_choice_once():
     """CSR rows: the queries (ascending) whose selection holds the block, skipping -1,
-    repeats and blocks after the query's own."""
+    repeats and blocks after the query's own; and the way back from a choice to its entry."""
     indices = torch.tensor([[0, -1], [0, 0], [1, 0], [1, -1], [0, 5]], dtype=torch.int32)
     indices = indices[None, :, None, :]  # [1, T=5, HI=1, 2] with l' = 2
     heads = triton_op.HeadLayout.build(2, 1, 1)
     layout = triton_op.SeqLayout.build(5, None, torch.device("cpu"))
-    offsets, entries, num_blocks = triton_op.inverse_index(indices, 2, heads, layout)
+    index, positions = triton_op.inverse_index(indices, 2, heads, layout)
+    offsets, entries, num_blocks = index.offsets, index.entries, index.num_blocks
     assert num_blocks == 3
     assert offsets.tolist() == [0, 4, 6, 6]
     assert entries.tolist() == [0, 1, 2, 4, 2, 3]
+    # Each row's choices in ascending order (-1 first), pointing at their entries.
+    assert positions[0, :, 0].tolist() == [[-1, 0], [1, -1], [2, 4], [-1, 5], [3, -1]]
 
 
 # --- GPU: bf16 kernels against an fp32 reference that gathers the selected blocks ----------
@@ -390,14 +449,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=floor)).item()
 
 
-def assert_bf16_close(q, k, v, indices, block_size, cu_seqlens=None):
-    """|kernel(bf16) - ref(fp32)| <= 2 |ref(bf16) - ref(fp32)| (+ 1e-3) for o, dq, dk, dv."""
+def assert_bf16_close(q, k, v, indices, block_size, cu_seqlens=None, tiles=None):
+    """|kernel(bf16) - ref(fp32)| <= 2 |ref(bf16) - ref(fp32)| (+ 1e-3) for o, dq, dk, dv;
+    `tiles` replaces the default tile configuration."""
     gold_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
 
     def ref(q_, k_, v_):
         return chunked_reference(q_, k_, v_, indices, block_size, cu_seqlens)
 
     def kernel(q_, k_, v_):
+        if tiles is not None:
+            return triton_op.selected_attention(q_, k_, v_, indices, block_size, None,
+                                                cu_seqlens, tiles)
         return selected_attention(q_, k_, v_, indices, block_size, cu_seqlens=cu_seqlens,
                                   backend="triton")
 
@@ -419,6 +482,16 @@ def test_gpu_bf16_lengths(seqlen):
     q, k, v = make_qkv(1, seqlen, heads, (192, 128), torch.bfloat16, "cuda", seed=seqlen)
     indices = random_indices(1, seqlen, 2, 16, 64, forced=True, device="cuda", seed=seqlen)
     assert_bf16_close(q, k, v, indices, 64)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_query_major():
+    """The query-major forward and dQ (key_major=False) at the shapes of the default's tests."""
+    q, k, v = make_qkv(1, 4097, (16, 2, 2), (192, 128), torch.bfloat16, "cuda", seed=7)
+    indices = random_indices(1, 4097, 2, 16, 64, forced=True, device="cuda", seed=7)
+    defaults = triton_op.default_tiles(q.device, q.dtype, 192, 128)
+    tiles = dataclasses.replace(defaults, key_major=False)
+    assert_bf16_close(q, k, v, indices, 64, tiles=tiles)
 
 
 @pytest.mark.gpu
