@@ -526,10 +526,13 @@ def test_gpu_block_chosen_by_every_query():
 
 
 @pytest.mark.gpu
-def test_gpu_long_sequence_forward_sampled_rows():
-    """T = 262144 with 64 heads of dim 192: offsets pass 2^31 elements (int64 addressing)."""
+@pytest.mark.parametrize("heads", [(64, 4, 4), (64, 64, 4)], ids=["query-major", "key-major"])
+def test_gpu_long_sequence_forward_sampled_rows(heads):
+    """T = 262144 with 64 heads of dim 192: offsets pass 2^31 elements (int64 addressing), in
+    the query-major forward (GQA, 16 heads per KV head) and the key-major one (per-head keys,
+    where the per-entry and output buffers are indexed too)."""
     seqlen, block_size = 262144, 64
-    q, k, v = make_qkv(1, seqlen, (64, 4, 4), (192, 128), torch.bfloat16, "cuda", seed=13)
+    q, k, v = make_qkv(1, seqlen, heads, (192, 128), torch.bfloat16, "cuda", seed=13)
     assert q.numel() > 2**31
     indices = random_indices(1, seqlen, 4, 16, block_size, forced=True, device="cuda", seed=13)
     with torch.no_grad():
