@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tiles import HeadSplit, dot_precision, dot_rows, head_split, load_rows
 from ..utils import compressed_cu_seqlens, num_compressed_blocks, softmax_scale
 
 LOG2E_VALUE = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); host side
@@ -68,28 +69,6 @@ def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) ->
     if max(dk, dv) > 128:  # e.g. per-head 192/128; dK/dV steps of 128 queries (swept on H100)
         return TileConfig(block_t=64, block_n=64, dkv_block_t=128, num_warps=8, num_stages=3)
     return TileConfig()
-
-
-@dataclass(frozen=True)
-class HeadSplit:
-    """How one head dim is covered: reduction chunks for dot products over it, and
-    accumulator tiles for outputs along it."""
-
-    block: int  # reduction chunk width (power of two)
-    chunks: int  # reduction chunks
-    tile: int  # accumulator tile width (power of two)
-    tiles: int  # accumulator tiles
-
-
-def head_split(dim: int, head_tile: int, head_chunk: int) -> HeadSplit:
-    """Whole when the padded dim fits in `head_tile`, else chunks of `head_chunk` (reduction)
-    and tiles of `head_tile` (accumulators)."""
-    padded = max(16, triton.next_power_of_2(dim))
-    if padded <= head_tile:
-        return HeadSplit(padded, 1, padded, 1)
-    return HeadSplit(
-        head_chunk, triton.cdiv(dim, head_chunk), head_tile, triton.cdiv(dim, head_tile)
-    )
 
 
 @dataclass(frozen=True)
@@ -144,11 +123,6 @@ class SeqLayout:
         return table, len(rows)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get full-precision dots: TF32 would break agreement with the reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared device helpers
 
@@ -167,29 +141,6 @@ def _doc_bounds(tiles, cu_seqlens, cu_cmp, pid):
 def _num_visible(t, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Compressed blocks visible to query t (i*s + l - 1 <= t)."""
     return tl.where(t >= CMP_BLOCK - 1, (t - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
-
-
-@triton.jit
-def _load_rows(base, rows, rows_ok, cols, D: tl.constexpr, stride_d):
-    """[len(rows), len(cols)] tile; `rows` are int64 offsets already times the row stride."""
-    mask = rows_ok[:, None] & (cols < D)[None, :]
-    return tl.load(base + rows[:, None] + cols[None, :] * stride_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def _dot_rows(
-    a_base, a_rows, a_ok, stride_a, b_base, b_rows, b_ok, stride_b,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """a @ b^T over a head dim too wide for registers, read in NUM_D chunks: [A, B] fp32."""
-    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for c in tl.static_range(NUM_D):
-        cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        a = _load_rows(a_base, a_rows, a_ok, cols, D, stride_a)
-        b = _load_rows(b_base, b_rows, b_ok, cols, D, stride_b)
-        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
-    return acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +185,7 @@ def _fwd_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     cols_v = pid_dv * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        q_tile = _load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
+        q_tile = load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
 
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -244,10 +195,10 @@ def _fwd_kernel(
         i_ok = i < n_vis
         k_rows = (cbos + i).to(tl.int64) * stride_kn
         if NUM_DK == 1:
-            k_tile = _load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
+            k_tile = load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
             s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
         else:
-            s = _dot_rows(
+            s = dot_rows(
                 q_base, q_rows, t_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_T, BLOCK_N, PRECISION,
             )
@@ -261,7 +212,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if WITH_OUTPUT:
             v_rows = (cbos + i).to(tl.int64) * stride_vn
-            v_tile = _load_rows(v_base, v_rows, i_ok, cols_v, DV, stride_vd)  # [BN, TILE_DV]
+            v_tile = load_rows(v_base, v_rows, i_ok, cols_v, DV, stride_vd)  # [BN, TILE_DV]
             acc = acc * alpha[:, None] + tl.dot(
                 p.to(v_tile.dtype), v_tile, input_precision=PRECISION
             )
@@ -293,8 +244,8 @@ def _delta_kernel(
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, DV, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
-        o_t = _load_rows(o, rows, r_ok, cols, DV, 1).to(tl.float32)
-        do_t = _load_rows(do, rows, r_ok, cols, DV, 1).to(tl.float32)
+        o_t = load_rows(o, rows, r_ok, cols, DV, 1).to(tl.float32)
+        do_t = load_rows(do, rows, r_ok, cols, DV, 1).to(tl.float32)
         acc += tl.sum(o_t * do_t, axis=1)
     if HAS_DLSE:
         acc -= tl.load(dlse + r, mask=r_ok, other=0.0)
@@ -348,9 +299,9 @@ def _dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     cols_k = pid_dk * TILE_DK + tl.arange(0, TILE_DK)
     if NUM_DK == 1:
-        q_tile = _load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
+        q_tile = load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
     if NUM_DV == 1:
-        do_tile = _load_rows(do_base, o_rows, t_ok, offs_dv, DV, stride_od)  # [BT, DV]
+        do_tile = load_rows(do_base, o_rows, t_ok, offs_dv, DV, stride_od)  # [BT, DV]
 
     acc = tl.zeros([BLOCK_T, TILE_DK], dtype=tl.float32)
     for start in range(0, n_vis, BLOCK_N):
@@ -359,19 +310,19 @@ def _dq_kernel(
         k_rows = (cbos + i).to(tl.int64) * stride_kn
         v_rows = (cbos + i).to(tl.int64) * stride_vn
         if NUM_DK == 1:
-            k_tile = _load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
+            k_tile = load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
             s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
         else:
-            s = _dot_rows(
+            s = dot_rows(
                 q_base, q_rows, t_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_T, BLOCK_N, PRECISION,
             )
-            k_tile = _load_rows(k_base, k_rows, i_ok, cols_k, DK, stride_kd)  # [BN, TILE_DK]
+            k_tile = load_rows(k_base, k_rows, i_ok, cols_k, DK, stride_kd)  # [BN, TILE_DK]
         if NUM_DV == 1:
-            v_tile = _load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
+            v_tile = load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
         else:
-            dp = _dot_rows(
+            dp = dot_rows(
                 do_base, o_rows, t_ok, stride_od, v_base, v_rows, i_ok, stride_vd,
                 DV, BLOCK_DV, NUM_DV, BLOCK_T, BLOCK_N, PRECISION,
             )
@@ -434,9 +385,9 @@ def _dkv_kernel(
     cols_k = acc_tile * TILE_DK + tl.arange(0, TILE_DK)
     cols_v = acc_tile * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        k_tile = _load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
+        k_tile = load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
     if NUM_DV == 1:
-        v_tile = _load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
+        v_tile = load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
 
     # Query tiles that see the first block of this tile, split evenly over SPLITS programs.
     first = tl.maximum(tile * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1 - q_offset, 0) // BLOCK_T
@@ -464,23 +415,23 @@ def _dkv_kernel(
             lse_t = tl.where(lse_t == float("-inf"), 0.0, lse_t * LOG2E)
             delta_t = tl.load(delta + l_off, mask=t_ok, other=0.0)
             if NUM_DK == 1:
-                q_t = _load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
+                q_t = load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
                 s = tl.dot(k_tile, tl.trans(q_t), input_precision=PRECISION)
             else:
-                s = _dot_rows(
+                s = dot_rows(
                     k_base, k_rows, i_ok, stride_kd, q_base, q_rows, t_ok, stride_qd,
                     DK, BLOCK_DK, NUM_DK, BLOCK_N, BLOCK_T, PRECISION,
                 )
-                q_t = _load_rows(q_base, q_rows, t_ok, cols_k, DK, stride_qd)  # [BT, TILE_DK]
+                q_t = load_rows(q_base, q_rows, t_ok, cols_k, DK, stride_qd)  # [BT, TILE_DK]
             if NUM_DV == 1:
-                do_t = _load_rows(do_base, o_rows, t_ok, offs_dv, DV, stride_od)  # [BT, DV]
+                do_t = load_rows(do_base, o_rows, t_ok, offs_dv, DV, stride_od)  # [BT, DV]
                 dp = tl.dot(v_tile, tl.trans(do_t), input_precision=PRECISION)
             else:
-                dp = _dot_rows(
+                dp = dot_rows(
                     v_base, v_rows, i_ok, stride_vd, do_base, o_rows, t_ok, stride_od,
                     DV, BLOCK_DV, NUM_DV, BLOCK_N, BLOCK_T, PRECISION,
                 )
-                do_t = _load_rows(do_base, o_rows, t_ok, cols_v, DV, stride_od)  # [BT, TILE_DV]
+                do_t = load_rows(do_base, o_rows, t_ok, cols_v, DV, stride_od)  # [BT, TILE_DV]
             p = tl.where(visible, tl.exp2(s * scale_log2 - lse_t[None, :]), 0.0)  # [BN, BT]
             dv_acc += tl.dot(p.to(do_t.dtype), do_t, input_precision=PRECISION)
             ds = p * (dp - delta_t[None, :])

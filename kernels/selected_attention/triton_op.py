@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tiles import HeadSplit, dot_precision, dot_rows, head_split, load_rows
 from ..utils import softmax_scale
 
 LOG2E = math.log2(math.e)
@@ -78,6 +79,9 @@ class TileConfig:
     key_major: bool | None = None
     key_rows: int = 64  # (query, head) rows per step of the key-major forward loops
 
+    def split(self, dim: int) -> HeadSplit:
+        return head_split(dim, self.head_tile, self.head_chunk)
+
 
 def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) -> TileConfig:
     """In the CPU interpreter every op costs about the same whatever its size: large query
@@ -93,27 +97,6 @@ def default_tiles(device: torch.device, dtype: torch.dtype, dk: int, dv: int) ->
     if max(dk, dv) > 128:
         return TileConfig(dkv_rows=32, bwd_warps=8)
     return TileConfig()
-
-
-@dataclass(frozen=True)
-class HeadSplit:
-    """How one head dim is covered: reduction chunks for dot products over it, and
-    accumulator tiles for outputs along it."""
-
-    block: int  # reduction chunk width (power of two)
-    chunks: int  # reduction chunks
-    tile: int  # accumulator tile width (power of two)
-    tiles: int  # accumulator tiles
-
-
-def head_split(dim: int, cfg: TileConfig) -> HeadSplit:
-    padded = max(16, triton.next_power_of_2(dim))
-    if padded <= cfg.head_tile:
-        return HeadSplit(padded, 1, padded, 1)
-    return HeadSplit(
-        cfg.head_chunk, triton.cdiv(dim, cfg.head_chunk),
-        cfg.head_tile, triton.cdiv(dim, cfg.head_tile),
-    )
 
 
 @dataclass(frozen=True)
@@ -230,11 +213,6 @@ class SeqLayout:
         return tokens - starts[doc], first_block[doc], total
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get full-precision dots: TF32 would break agreement with the reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared device helpers
 
@@ -246,29 +224,6 @@ def _tile_start(tiles, cu_seqlens, pid, SIZE: tl.constexpr):
     start = tl.load(tiles + 2 * pid + 1) * SIZE
     bos = tl.load(cu_seqlens + doc)
     return start, bos, tl.load(cu_seqlens + doc + 1) - bos
-
-
-@triton.jit
-def _load_rows(base, rows, rows_ok, cols, D: tl.constexpr, stride_d):
-    """[len(rows), len(cols)] tile; `rows` are int64 offsets already times the row stride."""
-    mask = rows_ok[:, None] & (cols < D)[None, :]
-    return tl.load(base + rows[:, None] + cols[None, :] * stride_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def _dot_rows(
-    a_base, a_rows, a_ok, stride_a, b_base, b_rows, b_ok, stride_b,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """a @ b^T over a head dim too wide for registers, read in NUM_D chunks: [A, B] fp32."""
-    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for c in tl.static_range(NUM_D):
-        cols = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        a = _load_rows(a_base, a_rows, a_ok, cols, D, stride_a)
-        b = _load_rows(b_base, b_rows, b_ok, cols, D, stride_b)
-        acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
-    return acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +272,7 @@ def _fwd_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     cols_v = pid_dv * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        q_tile = _load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
+        q_tile = load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -336,7 +291,7 @@ def _fwd_kernel(
             )  # [BK, DK]
             s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
         else:
-            s = _dot_rows(
+            s = dot_rows(
                 q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_R, BLOCK_K, PRECISION,
             )
@@ -404,11 +359,11 @@ def _fwd_key_major_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_rows = (bos + key).to(tl.int64) * stride_kt
-    k_tile = _load_rows(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, offs_dk, DK,
+    k_tile = load_rows(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, offs_dk, DK,
                         stride_kd)  # [BK, DK]
     if ACCUMULATE:
         v_rows = (bos + key).to(tl.int64) * stride_vt
-        v_tile = _load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
+        v_tile = load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
                             stride_vd)  # [BK, DV]
 
     r = tl.arange(0, BLOCK_R)
@@ -420,7 +375,7 @@ def _fwd_key_major_kernel(
         code = tl.load(queries + entry, mask=row_ok, other=0).to(tl.int64)
         tok = code // SEL_PER_OWNER  # [BR] token in the batch row
         h = hk * KV_GROUP + (code % SEL_PER_OWNER) * UNIT + g
-        q_t = _load_rows(q_base, tok * stride_qt + h * stride_qh, row_ok, offs_dk, DK,
+        q_t = load_rows(q_base, tok * stride_qt + h * stride_qh, row_ok, offs_dk, DK,
                          stride_qd)  # [BR, DK]
         s = tl.dot(q_t, tl.trans(k_tile), input_precision=PRECISION) * scale_log2  # [BR, BK]
         visible = row_ok[:, None] & k_ok[None, :]
@@ -455,8 +410,8 @@ def _delta_kernel(o, do, delta, num_rows, DV: tl.constexpr, BLOCK_R: tl.constexp
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, DV, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
-        o_t = _load_rows(o, rows, r_ok, cols, DV, 1).to(tl.float32)
-        do_t = _load_rows(do, rows, r_ok, cols, DV, 1).to(tl.float32)
+        o_t = load_rows(o, rows, r_ok, cols, DV, 1).to(tl.float32)
+        do_t = load_rows(do, rows, r_ok, cols, DV, 1).to(tl.float32)
         acc += tl.sum(o_t * do_t, axis=1)
     tl.store(delta + r, acc, mask=r_ok)
 
@@ -514,9 +469,9 @@ def _dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     cols_k = pid_dk * TILE_DK + tl.arange(0, TILE_DK)
     if NUM_DK == 1:
-        q_tile = _load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
+        q_tile = load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
     if NUM_DV == 1:
-        do_tile = _load_rows(do_base, do_rows, row_ok, offs_dv, DV, stride_od)  # [BR, DV]
+        do_tile = load_rows(do_base, do_rows, row_ok, offs_dv, DV, stride_od)  # [BR, DV]
 
     acc = tl.zeros([BLOCK_R, TILE_DK], dtype=tl.float32)
     for j in range(0, tl.load(counts + sel_row)):
@@ -533,7 +488,7 @@ def _dq_kernel(
         if NUM_DK == 1:
             s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
         else:
-            s = _dot_rows(
+            s = dot_rows(
                 q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_R, BLOCK_K, PRECISION,
             )
@@ -544,7 +499,7 @@ def _dq_kernel(
             )  # [BK, DV]
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
         else:
-            dp = _dot_rows(
+            dp = dot_rows(
                 do_base, do_rows, row_ok, stride_od, v_base, v_rows, k_ok, stride_vd,
                 DV, BLOCK_DV, NUM_DV, BLOCK_R, BLOCK_K, PRECISION,
             )
@@ -615,9 +570,9 @@ def _dkv_kernel(
     cols_k = acc_tile * TILE_DK + tl.arange(0, TILE_DK)
     cols_v = acc_tile * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        k_tile = _load_rows(k_base, k_rows, k_ok, offs_dk, DK, stride_kd)  # [BK, DK]
+        k_tile = load_rows(k_base, k_rows, k_ok, offs_dk, DK, stride_kd)  # [BK, DK]
     if NUM_DV == 1:
-        v_tile = _load_rows(v_base, v_rows, k_ok, offs_dv, DV, stride_vd)  # [BK, DV]
+        v_tile = load_rows(v_base, v_rows, k_ok, offs_dv, DV, stride_vd)  # [BK, DV]
 
     r = tl.arange(0, BLOCK_R)
     g = r % UNIT_P
@@ -648,14 +603,14 @@ def _dkv_kernel(
         if NUM_DK == 1:
             s = tl.dot(k_tile, tl.trans(q_t), input_precision=PRECISION)  # [BK, BR]
         else:
-            s = _dot_rows(
+            s = dot_rows(
                 k_base, k_rows, k_ok, stride_kd, q_base, q_rows, row_ok, stride_qd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_K, BLOCK_R, PRECISION,
             )
         if NUM_DV == 1:
             dp = tl.dot(v_tile, tl.trans(do_t), input_precision=PRECISION)  # [BK, BR]
         else:
-            dp = _dot_rows(
+            dp = dot_rows(
                 v_base, v_rows, k_ok, stride_vd, do_base, do_rows, row_ok, stride_od,
                 DV, BLOCK_DV, NUM_DV, BLOCK_K, BLOCK_R, PRECISION,
             )
@@ -944,7 +899,7 @@ def attention_forward(
     if n_tiles == 0 or batch == 0:
         return o, lse
     union, members, counts = unions
-    ksplit, vsplit = head_split(dk, prob.cfg), head_split(dv, prob.cfg)
+    ksplit, vsplit = prob.cfg.split(dk), prob.cfg.split(dv)
     _fwd_kernel[(n_tiles, batch * prob.heads.units, vsplit.tiles)](
         q, k, v, o, lse, union, members, counts, tiles, prob.layout.cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -996,7 +951,7 @@ def attention_forward_key_major(
         UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size, DK=dk, DV=dv,
         ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
         BLOCK_K=max(16, triton.next_power_of_2(prob.block_size)),
-        BLOCK_DK=head_split(dk, cfg).block, BLOCK_DV=head_split(dv, cfg).block,
+        BLOCK_DK=cfg.split(dk).block, BLOCK_DV=cfg.split(dv).block,
         PACKED=layout.packed, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1040,7 +995,7 @@ def attention_backward(
     dv_out = torch.empty_like(v, memory_format=torch.contiguous_format)
     if batch * seqlen == 0:
         return dq, dk_out.zero_(), dv_out.zero_()
-    ksplit, vsplit = head_split(dk, cfg), head_split(dv, cfg)
+    ksplit, vsplit = cfg.split(dk), cfg.split(dv)
     precision = dot_precision(q.dtype)
 
     delta = torch.empty_like(lse)  # [B, T, HQ] fp32

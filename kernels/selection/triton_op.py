@@ -32,11 +32,9 @@ from ..compressed_attention.triton_op import (
     LOG2E_VALUE,
     SeqLayout,
     _doc_bounds,
-    _dot_rows,
     compressed_lse,
-    dot_precision,
-    head_split,
 )
+from ..tiles import dot_precision, dot_rows, head_split
 from ..utils import softmax_scale
 
 
@@ -161,7 +159,7 @@ def _select_kernel(
             h = (group * GROUP_SEL + g).to(tl.int64)
             q_base = q + b * stride_qb + h * stride_qh
             k_base = k + b * stride_kb + (h // GROUP_KV) * stride_kh
-            s = _dot_rows(
+            s = dot_rows(
                 q_base, q_rows, block_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_M, BLOCK_C, PRECISION,
             )
