@@ -226,6 +226,52 @@ def _tile_start(tiles, cu_seqlens, pid, SIZE: tl.constexpr):
     return start, bos, tl.load(cu_seqlens + doc + 1) - bos
 
 
+@triton.jit
+def _key_block(
+    seg, kv_sub, tiles, cu_seqlens, seq_len, num_blocks, q_offset,
+    OWNERS: tl.constexpr, KV_PER_OWNER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, PACKED: tl.constexpr,
+):
+    """What a key-block program owns: segment seg = (b * OWNERS + owner) * num_blocks +
+    block, KV head kv_sub of the owner -> (b, KV head, document start, key positions [BK]
+    inside the sequence, which of them exist)."""
+    gid = seg % num_blocks
+    b = seg // num_blocks // OWNERS
+    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
+    if PACKED:
+        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
+    else:
+        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
+    offs_k = tl.arange(0, BLOCK_K)
+    key = start + offs_k
+    return b, hk, bos, key, (offs_k < BLOCK_SIZE) & (key < length + q_offset)
+
+
+@triton.jit
+def _list_rows(
+    queries, step, end, hk, ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    UNIT: tl.constexpr, UNIT_P: tl.constexpr, SEL_PER_OWNER: tl.constexpr,
+    KV_GROUP: tl.constexpr,
+):
+    """Rows of one step over a key block's query list: ROWS_Q entries from `step` x UNIT
+    heads -> (list entry, which rows exist, token in the batch row, query head), each [BR].
+    An entry is token * SEL_PER_OWNER + the selection head inside the owner."""
+    r = tl.arange(0, BLOCK_R)
+    entry = step + r // UNIT_P
+    row_ok = (r // UNIT_P < ROWS_Q) & (r % UNIT_P < UNIT) & (entry < end)
+    code = tl.load(queries + entry, mask=row_ok, other=0).to(tl.int64)
+    h = hk * KV_GROUP + (code % SEL_PER_OWNER) * UNIT + r % UNIT_P
+    return entry, row_ok, code // SEL_PER_OWNER, h
+
+
+@triton.jit
+def _saved_lse(lse, row_off, row_ok):
+    """The forward's base-2 log-sum-exp of rows; 0 for rows that saw no key (their P is 0
+    through the -inf scores, never NaN)."""
+    lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
+    return tl.where(lse_row == float("-inf"), 0.0, lse_row)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
@@ -345,17 +391,10 @@ def _fwd_key_major_kernel(
     lo = tl.load(item + 1)
     end = tl.load(item + 2)
     kv_sub = tl.program_id(1)
-    gid = seg % num_blocks
-    b = seg // num_blocks // OWNERS
-    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
-    if PACKED:
-        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
-    else:
-        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
-
-    offs_k = tl.arange(0, BLOCK_K)
-    key = start + offs_k  # [BK] positions inside the sequence
-    k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
+    b, hk, bos, key, k_ok = _key_block(
+        seg, kv_sub, tiles, cu_seqlens, seq_len, num_blocks, q_offset,
+        OWNERS, KV_PER_OWNER, BLOCK_SIZE, BLOCK_K, PACKED,
+    )
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_rows = (bos + key).to(tl.int64) * stride_kt
@@ -366,15 +405,11 @@ def _fwd_key_major_kernel(
         v_tile = load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
                             stride_vd)  # [BK, DV]
 
-    r = tl.arange(0, BLOCK_R)
-    g = r % UNIT_P
     q_base = q + b * stride_qb
     for step in range(lo, end, ROWS_Q):
-        entry = step + r // UNIT_P
-        row_ok = (r // UNIT_P < ROWS_Q) & (g < UNIT) & (entry < end)
-        code = tl.load(queries + entry, mask=row_ok, other=0).to(tl.int64)
-        tok = code // SEL_PER_OWNER  # [BR] token in the batch row
-        h = hk * KV_GROUP + (code % SEL_PER_OWNER) * UNIT + g
+        entry, row_ok, tok, h = _list_rows(
+            queries, step, end, hk, ROWS_Q, BLOCK_R, UNIT, UNIT_P, SEL_PER_OWNER, KV_GROUP
+        )
         q_t = load_rows(q_base, tok * stride_qt + h * stride_qh, row_ok, offs_dk, DK,
                          stride_qd)  # [BR, DK]
         s = tl.dot(q_t, tl.trans(k_tile), input_precision=PRECISION) * scale_log2  # [BR, BK]
@@ -383,9 +418,7 @@ def _fwd_key_major_kernel(
         s = tl.where(visible, s, float("-inf"))
         if ACCUMULATE:
             row_off = (b * seq_len + tok) * HQ + h
-            lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
-            lse_row = tl.where(lse_row == float("-inf"), 0.0, lse_row)
-            p = tl.exp2(s - lse_row[:, None])
+            p = tl.exp2(s - _saved_lse(lse, row_off, row_ok)[:, None])
             o_rows = tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)  # [BR, DV]
             o_ptr = o_acc + row_off[:, None] * DV + offs_dv[None, :]
             tl.atomic_add(o_ptr, o_rows, mask=row_ok[:, None] & (offs_dv < DV)[None, :],
@@ -396,6 +429,7 @@ def _fwd_key_major_kernel(
             l_row = tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
             part = tl.where(l_row > 0, m_ref + tl.log2(tl.where(l_row > 0, l_row, 1.0)),
                             float("-inf"))
+            g = tl.arange(0, BLOCK_R) % UNIT_P  # head inside the unit
             col = entry.to(tl.int64) * (KV_PER_OWNER * UNIT) + kv_sub * UNIT + g
             tl.store(part_lse + col, part, mask=row_ok)
 
@@ -460,8 +494,7 @@ def _dq_kernel(
     q_rows = tok * stride_qt + h * stride_qh
     do_rows = tok * stride_ot + h * stride_oh
     row_off = (b * seq_len + tok) * HQ + h
-    lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
-    lse_row = tl.where(lse_row == float("-inf"), 0.0, lse_row)  # such rows see no key
+    lse_row = _saved_lse(lse, row_off, row_ok)
     delta_row = tl.load(delta + row_off, mask=row_ok, other=0.0)
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -550,17 +583,11 @@ def _dkv_kernel(
     slot = tl.load(item + 3)
     kv_sub = tl.program_id(1)
     acc_tile = tl.program_id(2)
-    gid = seg % num_blocks
-    b = seg // num_blocks // OWNERS
-    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
-    if PACKED:
-        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
-    else:
-        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
-
+    b, hk, bos, key, k_ok = _key_block(
+        seg, kv_sub, tiles, cu_seqlens, seq_len, num_blocks, q_offset,
+        OWNERS, KV_PER_OWNER, BLOCK_SIZE, BLOCK_K, PACKED,
+    )
     offs_k = tl.arange(0, BLOCK_K)
-    key = start + offs_k  # [BK] positions inside the sequence
-    k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
     k_base = k + b * stride_kb + hk * stride_kh
     v_base = v + b * stride_vb + hk * stride_vh
     k_rows = (bos + key).to(tl.int64) * stride_kt
@@ -574,23 +601,18 @@ def _dkv_kernel(
     if NUM_DV == 1:
         v_tile = load_rows(v_base, v_rows, k_ok, offs_dv, DV, stride_vd)  # [BK, DV]
 
-    r = tl.arange(0, BLOCK_R)
-    g = r % UNIT_P
     q_base = q + b * stride_qb
     do_base = do + b * stride_ob
     dk_acc = tl.zeros([BLOCK_K, TILE_DK], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_K, TILE_DV], dtype=tl.float32)
     for step in range(lo, end, ROWS_Q):
-        entry = step + r // UNIT_P
-        row_ok = (r // UNIT_P < ROWS_Q) & (g < UNIT) & (entry < end)
-        code = tl.load(queries + entry, mask=row_ok, other=0).to(tl.int64)
-        tok = code // SEL_PER_OWNER  # [BR] token in the batch row
-        h = hk * KV_GROUP + (code % SEL_PER_OWNER) * UNIT + g
+        _, row_ok, tok, h = _list_rows(
+            queries, step, end, hk, ROWS_Q, BLOCK_R, UNIT, UNIT_P, SEL_PER_OWNER, KV_GROUP
+        )
         q_rows = tok * stride_qt + h * stride_qh
         do_rows = tok * stride_ot + h * stride_oh
         row_off = (b * seq_len + tok) * HQ + h
-        lse_row = tl.load(lse + row_off, mask=row_ok, other=0.0)
-        lse_row = tl.where(lse_row == float("-inf"), 0.0, lse_row)
+        lse_row = _saved_lse(lse, row_off, row_ok)
         delta_row = tl.load(delta + row_off, mask=row_ok, other=0.0)
         q_t = tl.load(
             q_base + q_rows[:, None] + cols_k[None, :] * stride_qd,
@@ -681,16 +703,10 @@ def _dkv_reduce_kernel(
     slot_lo = tl.load(split + 1)
     slot_hi = tl.load(split + 2)
     kv_sub = tl.program_id(1)
-    gid = seg % num_blocks
-    b = seg // num_blocks // OWNERS
-    hk = (seg // num_blocks % OWNERS) * KV_PER_OWNER + kv_sub
-    if PACKED:
-        start, bos, length = _tile_start(tiles, cu_seqlens, gid, BLOCK_SIZE)
-    else:
-        start, bos, length = gid * BLOCK_SIZE, 0, seq_len
-    offs_k = tl.arange(0, BLOCK_K)
-    key = start + offs_k
-    key_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
+    b, hk, bos, key, key_ok = _key_block(
+        seg, kv_sub, tiles, cu_seqlens, seq_len, num_blocks, q_offset,
+        OWNERS, KV_PER_OWNER, BLOCK_SIZE, BLOCK_K, PACKED,
+    )
     tok = (bos + key).to(tl.int64)
     _sum_parts(
         part_k, dk + b * stride_dkb + hk * stride_dkh, slot_lo, slot_hi, kv_sub, key_ok,
@@ -835,6 +851,24 @@ def dkv_chunk(cfg: TileConfig, entries: int, programs_per_item: int, device: tor
     return max(1024, triton.cdiv(entries * programs_per_item, 2 * sms))
 
 
+@dataclass(frozen=True)
+class KeyBlockWork:
+    """An inverse index cut into the key-block programs' work items (`split_work`); the
+    key-major forward builds it and the backward reuses it."""
+
+    index: InverseIndex
+    items: torch.Tensor  # int64 [I, 4]
+    splits: torch.Tensor  # int64 [S, 3]
+    num_slots: int
+
+    @staticmethod
+    def build(
+        index: InverseIndex, cfg: TileConfig, programs_per_item: int, device: torch.device
+    ) -> KeyBlockWork:
+        chunk = dkv_chunk(cfg, index.entries.numel(), programs_per_item, device)
+        return KeyBlockWork(index, *split_work(index.offsets, chunk))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
@@ -928,7 +962,7 @@ def attention_forward_key_major(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    index: InverseIndex,
+    work: KeyBlockWork,
     positions: torch.Tensor,
     prob: Problem,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -938,11 +972,11 @@ def attention_forward_key_major(
     dv = v.shape[-1]
     layout, heads_layout, cfg = prob.layout, prob.heads, prob.cfg
     columns = heads_layout.kv_per_owner * heads_layout.unit
-    num_entries = index.entries.numel()
-    part_lse = torch.empty(max(num_entries, 1), columns, dtype=torch.float32, device=q.device)
+    index, items = work.index, work.items
+    part_lse = torch.empty(
+        max(index.entries.numel(), 1), columns, dtype=torch.float32, device=q.device
+    )
     o_acc = torch.zeros(batch, seqlen, heads, dv, dtype=torch.float32, device=q.device)
-    chunk = dkv_chunk(cfg, num_entries, heads_layout.kv_per_owner, q.device)
-    items, _, _ = split_work(index.offsets, chunk)
     block_table, _ = layout.tiles(prob.block_size, q.device)
     rows_q = max(1, cfg.key_rows // prob.unit_p)
     launch = dict(
@@ -981,10 +1015,10 @@ def attention_backward(
     block_indices: torch.Tensor,
     unions: tuple[torch.Tensor, ...],
     prob: Problem,
-    index: InverseIndex | None = None,
+    work: KeyBlockWork | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): delta, then dK/dV (and dQ when `Problem.key_major`) per key block;
-    `unions` (as for the forward) are needed only by the query-major dQ pass, `index` (the
+    `unions` (as for the forward) are needed only by the query-major dQ pass, `work` (the
     key-major forward's) is built when not given."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
@@ -1023,12 +1057,12 @@ def attention_backward(
             TILE_DK=ksplit.tile, **prob.unit_constants(), **common,
         )
 
-    if index is None:
-        index, _ = inverse_index(block_indices, prob.block_size, heads_layout, layout)
-    offsets, entries, num_blocks = index.offsets, index.entries, index.num_blocks
     acc_tiles = max(ksplit.tiles, vsplit.tiles)
-    chunk = dkv_chunk(cfg, entries.numel(), heads_layout.kv_per_owner * acc_tiles, q.device)
-    items, splits, num_slots = split_work(offsets, chunk)
+    if work is None:
+        index, _ = inverse_index(block_indices, prob.block_size, heads_layout, layout)
+        work = KeyBlockWork.build(index, cfg, heads_layout.kv_per_owner * acc_tiles, q.device)
+    entries, num_blocks = work.index.entries, work.index.num_blocks
+    items, splits, num_slots = work.items, work.splits, work.num_slots
     part_shape = (max(num_slots, 1), heads_layout.kv_per_owner, prob.block_size)
     part_k = torch.empty(*part_shape, dk, dtype=torch.float32, device=q.device)
     part_v = torch.empty(*part_shape, dv, dtype=torch.float32, device=q.device)
@@ -1065,8 +1099,9 @@ def attention_backward(
 
 class SelectedAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: the forward saves the log-sum-exp (so the backward recomputes P) and
-    what its passes share with the backward: the inverse index (key-major) or the query
-    tiles' block unions (query-major)."""
+    what its passes share with the backward: the inverse index and its work items
+    (key-major; whole head dims, so the same items serve dK/dV) or the query tiles' block
+    unions (query-major)."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, prob):
@@ -1075,9 +1110,13 @@ class SelectedAttentionFunction(torch.autograd.Function):
             index, positions = inverse_index(
                 block_indices, prob.block_size, prob.heads, prob.layout
             )
-            o, lse = attention_forward_key_major(q, k, v, index, positions, prob)
-            ctx.num_blocks = index.num_blocks
-            ctx.save_for_backward(q, k, v, o, lse, block_indices, index.offsets, index.entries)
+            work = KeyBlockWork.build(index, prob.cfg, prob.heads.kv_per_owner, q.device)
+            o, lse = attention_forward_key_major(q, k, v, work, positions, prob)
+            ctx.num_blocks, ctx.num_slots = index.num_blocks, work.num_slots
+            ctx.save_for_backward(
+                q, k, v, o, lse, block_indices, index.offsets, index.entries, work.items,
+                work.splits,
+            )
             return o
         unions = tile_unions(block_indices, prob.block_size, prob.block_q, prob.layout)
         o, lse = attention_forward(q, k, v, unions, prob)
@@ -1087,12 +1126,13 @@ class SelectedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, block_indices, *shared = ctx.saved_tensors
-        index, unions = None, tuple(shared)
+        work, unions = None, tuple(shared)
         if ctx.prob.key_major(q.shape[-1], v.shape[-1]):
-            offsets, entries = shared
-            index, unions = InverseIndex(offsets, entries, ctx.num_blocks), ()
+            offsets, entries, items, splits = shared
+            index = InverseIndex(offsets, entries, ctx.num_blocks)
+            work, unions = KeyBlockWork(index, items, splits, ctx.num_slots), ()
         dq, dk, dv = attention_backward(
-            do, q, k, v, o, lse, block_indices, unions, ctx.prob, index
+            do, q, k, v, o, lse, block_indices, unions, ctx.prob, work
         )
         return dq, dk, dv, None, None
 
