@@ -132,9 +132,10 @@ def test_packed_sequences(block, tiles):
     assert_matches_reference(q, k, v, block, cu_seqlens=cu_seqlens, tiles=tiles)
 
 
-@pytest.mark.parametrize("dims", [(24, 16), (192, 128)])
+@pytest.mark.parametrize("dims", [(24, 16), (128, 64), (192, 128)])
 def test_gpu_tile_sizes_in_interpreter(dims):
-    """The tiles a GPU would use (here for bf16), so their masks and loops are checked too."""
+    """The tiles a GPU would use for bf16 at each head-dim class, so that their masks and
+    loops are checked too."""
     tiles = triton_op.default_tiles(torch.device("cuda"), torch.bfloat16, *dims)
     q, k, v = make_inputs(1, 150, (4, 2), dims, (8, 4), seed=9)
     assert_matches_reference(q, k, v, (8, 4), tiles=tiles)
