@@ -174,6 +174,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="print every N steps (--log-file and TensorBoard get every step)",
     )
     log.add_argument(
+        "--profile-dir", type=Path,
+        help="profile --profile-steps with torch.profiler: a Chrome trace per rank and a table "
+        "of the ops by GPU time (CPU time without a GPU) go here",
+    )
+    log.add_argument(
+        "--profile-steps", type=int, nargs=2, default=(2, 3), metavar=("FIRST", "LAST"),
+        help="the steps profiled, counted from 1, both included (default: 2 3)",
+    )
+    log.add_argument(
         "--export-hf", type=Path,
         help="after the final save, convert it to a Hugging Face folder here (needs --save)",
     )
@@ -239,6 +248,13 @@ def check_args(args: argparse.Namespace) -> ASATransformerConfig:
         check_export(args, config)
     if args.load is not None:
         find_checkpoint(args.load)
+    if args.profile_dir is not None:
+        first, last = args.profile_steps
+        if not 1 <= first <= last <= args.train_iters:
+            raise ValueError(
+                f"--profile-steps {first} {last} must satisfy 1 <= FIRST <= LAST <= "
+                f"--train-iters {args.train_iters}"
+            )
     return config
 
 
@@ -839,6 +855,7 @@ def train(args: argparse.Namespace) -> list[float]:
             f"start={iteration}", flush=True,
         )
 
+    profiler = StepProfiler(args.profile_dir, *args.profile_steps, rank=rank, echo=logger)
     batches = Batches(train_set, args, global_batch)
     valid_batches = Batches(valid_set, args, global_batch) if evals else None
     losses = []
@@ -846,6 +863,7 @@ def train(args: argparse.Namespace) -> list[float]:
     while iteration < args.train_iters:
         for chunk in chunks:
             chunk.train()
+        profiler.before(iteration + 1)
         start = time.perf_counter()
         loss = run_step(chunks, batches.step(iteration), device, args, forward_only=False)
         _, grad_norm, _ = optimizer.step()
@@ -855,6 +873,7 @@ def train(args: argparse.Namespace) -> list[float]:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         iteration += 1
+        profiler.after(iteration)
         losses.append(loss)
         metrics = {
             "step": iteration, "tokens": iteration * tokens_per_step, "loss": loss, "lr": lr_now,
@@ -909,6 +928,46 @@ def evaluate(chunks, valid_batches: Batches, device: torch.device, args) -> floa
             for i in range(args.eval_iters)
         ]
     return sum(losses) / len(losses)
+
+
+class StepProfiler:
+    """torch.profiler over the steps FIRST..LAST (counted from 1): where a step's time goes,
+    kernel by kernel. Writes `trace_rank{r}.json` (chrome://tracing, Perfetto) and
+    `ops_rank{r}.txt`, the ops ranked by their own GPU time (CPU time without a GPU)."""
+
+    def __init__(self, folder: Path | None, first: int, last: int, rank: int, echo: bool):
+        self.folder, self.first, self.last, self.rank, self.echo = folder, first, last, rank, echo
+        self.profile: torch.profiler.profile | None = None
+
+    def before(self, step: int) -> None:
+        if self.folder is None or step != self.first:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        self.profile = torch.profiler.profile(activities=activities)
+        self.profile.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.profile is None or step != self.last:
+            return
+        self.profile.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        steps = f"steps {self.first}-{self.last}, rank {self.rank}"
+        table = self.profile.key_averages().table(sort_by=key, row_limit=40)
+        for name, write in (
+            (f"trace_rank{self.rank}.json", self.profile.export_chrome_trace),
+            (f"ops_rank{self.rank}.txt", lambda path: Path(path).write_text(
+                f"# {steps}, ranked by {key}\n{table}\n")),
+        ):
+            partial_path = self.folder / f".{name}.partial"
+            write(str(partial_path))
+            partial_path.replace(self.folder / name)
+        if self.echo:
+            print(f"profile of {steps}: {self.folder}", flush=True)
+        self.profile = None
 
 
 def log_step(metrics: dict, total: int, writer, log_file, echo: bool = True) -> None:

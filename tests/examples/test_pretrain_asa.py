@@ -42,6 +42,7 @@ def straight_run(tmp_path_factory) -> tuple[Path, list[float]]:
         "--preset", "tiny", "--mock-data", "--train-iters", STEPS, "--save", tmp / "ckpt",
         "--save-interval", STEPS // 2, "--eval-interval", STEPS // 2, "--log-file", log,
         "--eval-iters", EVAL_ITERS, "--export-hf", tmp / "hf",
+        "--profile-dir", tmp / "profile", "--profile-steps", 2, 3,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "TFLOP/s/GPU" in result.stdout and "eval loss" in result.stdout, result.stdout
@@ -52,6 +53,16 @@ def test_tiny_preset_learns(straight_run):
     _, straight = straight_run
     assert len(straight) == STEPS
     assert straight[-1] < 0.95 * straight[0], straight
+
+
+def test_profile_of_the_chosen_steps(straight_run):
+    """The straight run profiled steps 2-3: a Chrome trace and the ops table, nothing partial."""
+    folder = straight_run[0].parent / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == ["ops_rank0.txt", "trace_rank0.json"]
+    table = (folder / "ops_rank0.txt").read_text()
+    assert table.startswith("# steps 2-3, rank 0") and "aten::mm" in table
+    events = json.loads((folder / "trace_rank0.json").read_text())["traceEvents"]
+    assert any(event.get("name") == "aten::mm" for event in events)
 
 
 def test_resume_repeats_the_straight_run(straight_run, tmp_path):
@@ -170,6 +181,8 @@ def refused(script, capsys, *argv: str | Path) -> str:
         (("--preset", "350m", "--seq-length", "8200", "--context-parallel-size", "2"), "2",
          "--seq-length 8200 must be divisible by 16: the CP chunks must hold whole query blocks"),
         (("--context-parallel-size", "2",), "1", "cannot be split into TP x PP x CP = 1 x 1 x 2"),
+        (("--profile-dir", "prof", "--train-iters", "4", "--profile-steps", "3", "5"), "1",
+         "--profile-steps 3 5 must satisfy 1 <= FIRST <= LAST <= --train-iters 4"),
         (("--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "258"),
          "4", "--sequence-parallel splits each rank's 258 tokens over TP=4 ranks"),
         (("--tensor-model-parallel-size", "3",), "3",
