@@ -5,7 +5,8 @@ Two block settings: fla's NSA configuration (l = s = 64, l' = 64, n = 16) and th
 defaults (l = 32, s = 16, l' = 64, n = 16). Selection gets the LSE of compressed attention,
 as `nsa_attention` passes it. Times are `triton.testing.do_bench` medians; TFLOP/s count the
 matrix products over visible (query, compressed block) pairs only: forward S and PV, backward
-S, dP, dV, dQ and dK, selection S.
+S, dP, dV, dQ and dK, selection S. TB/s and roofline % as in bench_window.py: compulsory
+traffic over time, and the share of the roofline time reached.
 
     python benchmarks/bench_compressed.py [--lengths 8192 16384] [--configs asa] [--out FILE]
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from common import compulsory_bytes, roofline
 from nsa_kernels import compressed_attention, num_compressed_blocks, select_blocks
 
 
@@ -47,7 +49,8 @@ def visible_pairs(seqlen: int, block_size: int, stride: int) -> int:
 
 
 def bench_one(setting: Setting, seqlen: int) -> dict[str, float]:
-    """Milliseconds and TFLOP/s of forward, forward+backward and selection at one length."""
+    """Milliseconds, TFLOP/s, TB/s and roofline share of forward, forward+backward and
+    selection at one length."""
     device = torch.device("cuda")
     num_cmp = num_compressed_blocks(seqlen, setting.block_size, setting.stride)
     q = torch.randn(1, seqlen, HEADS, DIM, device=device, dtype=torch.bfloat16)
@@ -80,11 +83,20 @@ def bench_one(setting: Setting, seqlen: int) -> dict[str, float]:
         "fwd+bwd": 2 * pairs * (DIM + DIM) + 2 * pairs * (3 * DIM + 2 * DIM),
         "select": 2 * pairs * DIM,
     }
+    outputs = [o.detach(), lse]
+    traffic = {
+        "fwd": compulsory_bytes([q, k, v], outputs, backward=False),
+        "fwd+bwd": compulsory_bytes([q, k, v], outputs, backward=True),
+        "select": compulsory_bytes([q, k, lse], [select()], backward=False),
+    }
     result = {}
     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward), ("select", select)):
         ms = triton.testing.do_bench(fn, return_mode="median")
         result[f"{name} ms"] = ms
         result[f"{name} TFLOP/s"] = flops[name] / ms / 1e9
+        result[f"{name} TB/s"], result[f"{name} roofline %"] = roofline(
+            flops[name], traffic[name], ms
+        )
     return result
 
 
@@ -101,8 +113,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_compressed.py needs a CUDA GPU")
 
-    columns = ["fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "select ms",
-               "select TFLOP/s"]
+    columns = [f"{name} {unit}" for name in ("fwd", "fwd+bwd", "select")
+               for unit in ("ms", "TFLOP/s", "TB/s", "roofline %")]
     header = "| setting | T | N | " + " | ".join(columns) + " |"
     lines = [
         f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "

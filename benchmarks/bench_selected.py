@@ -10,7 +10,8 @@ time of our op includes its index preprocessing (tile unions, the inverse index)
 Times are `triton.testing.do_bench` medians. TFLOP/s count only what each op computes: for
 selected attention the (query, key) pairs inside the chosen blocks with key <= query, for
 SDPA all causal pairs; 2 FLOPs per multiply-add in QK^T and PV, the backward 2.5x the
-forward. `ratio` is SDPA time / selected time (above 1: selected attention is faster).
+forward. `ratio` is SDPA time / selected time (above 1: selected attention is faster). TB/s
+and roofline % as in bench_window.py (the block index counts as traffic too).
 
     python benchmarks/bench_selected.py [--lengths 8192 16384] [--groups 16] [--out FILE]
 """
@@ -19,19 +20,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
+from common import compulsory_bytes, roofline, timed
 from nsa_kernels import selected_attention
 from nsa_kernels.flops import attention_flops, causal_pairs
 
 BLOCK, TOP_N = 64, 16
-
-
-def timed(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, return_mode="median")
 
 
 def nsa_indices(
@@ -98,6 +95,7 @@ def bench_one(seqlen: int, group: int, heads: int, dims: tuple[int, int], share:
     def sdpa_fwd_bwd() -> None:
         torch.autograd.grad(sdpa_fwd(), (sq, sk, sv), sdo)
 
+    out = slc_fwd().detach()
     pairs = selected_pairs(indices) * group
     dense = causal_pairs(seqlen) * heads
     result = {}
@@ -108,7 +106,10 @@ def bench_one(seqlen: int, group: int, heads: int, dims: tuple[int, int], share:
         result[f"{name} ms"] = ms
         result[f"SDPA {name} ms"] = sdpa_ms
         result[f"{name} ratio"] = sdpa_ms / ms
-        result[f"{name} TFLOP/s"] = attention_flops(pairs, 1, *dims, backward) / ms / 1e9
+        flops = attention_flops(pairs, 1, *dims, backward)
+        result[f"{name} TFLOP/s"] = flops / ms / 1e9
+        traffic = compulsory_bytes([q, k, v], [out], backward, index=[indices])
+        result[f"{name} TB/s"], result[f"{name} roofline %"] = roofline(flops, traffic, ms)
         result[f"SDPA {name} TFLOP/s"] = attention_flops(dense, 1, *dims, backward) / sdpa_ms / 1e9
     return result
 
@@ -132,8 +133,8 @@ def main() -> None:
         raise SystemExit("bench_selected.py needs a CUDA GPU")
 
     columns = ["fwd ms", "SDPA fwd ms", "fwd ratio", "fwd TFLOP/s", "SDPA fwd TFLOP/s",
-               "fwd+bwd ms", "SDPA fwd+bwd ms", "fwd+bwd ratio", "fwd+bwd TFLOP/s",
-               "SDPA fwd+bwd TFLOP/s"]
+               "fwd TB/s", "fwd roofline %", "fwd+bwd ms", "SDPA fwd+bwd ms", "fwd+bwd ratio",
+               "fwd+bwd TFLOP/s", "SDPA fwd+bwd TFLOP/s", "fwd+bwd TB/s", "fwd+bwd roofline %"]
     lines = [
         f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}, Python {platform.python_version()}",

@@ -6,6 +6,9 @@ GQA layer (64 query heads, 4 KV heads, head dim 128). Times are `triton.testing.
 medians. TFLOP/s count only the (query, key) pairs each op computes: the window's pairs
 (the causal triangle of the first w queries excluded) for our kernel, all causal pairs for
 SDPA; 2 FLOPs per multiply-add in QK^T and PV, the backward counted as 2.5x the forward.
+TB/s is our kernel's compulsory traffic (`common.compulsory_bytes`) over its time, and
+roofline % the share of the roofline time (FLOPs at peak or traffic at peak bandwidth,
+whichever is longer) it reaches.
 
 SDPA's flash backend needs equal q/k/v head dims, so for DK != DV it runs with V zero-padded
 to DK (its FLOPs are still counted at the true DV); if the flash backend is not available,
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from common import fwd_and_fwd_bwd, sdpa_causal, timed
+from common import compulsory_bytes, fwd_and_fwd_bwd, roofline, sdpa_causal, timed
 from nsa_kernels import sliding_window_attention
 from nsa_kernels.flops import attention_flops, causal_pairs, window_pairs
 
@@ -43,7 +46,8 @@ SETTINGS = {
 
 
 def bench_one(setting: Setting, seqlen: int, window: int) -> list[dict[str, object]]:
-    """One row per pass (fwd, fwd+bwd): milliseconds, ratio and TFLOP/s of both ops."""
+    """One row per pass (fwd, fwd+bwd): milliseconds, ratio and TFLOP/s of both ops, and
+    our kernel's bandwidth and roofline share."""
     device, dtype = torch.device("cuda"), torch.bfloat16
     q = torch.randn(1, seqlen, setting.heads, setting.qk_dim, device=device, dtype=dtype)
     k = torch.randn(1, seqlen, setting.kv_heads, setting.qk_dim, device=device, dtype=dtype)
@@ -57,12 +61,15 @@ def bench_one(setting: Setting, seqlen: int, window: int) -> list[dict[str, obje
     theirs = fwd_and_fwd_bwd(sdpa_forward, sdpa_inputs)
 
     dims = (setting.heads, setting.qk_dim, setting.v_dim)
+    out = ours[0]().detach()
     rows = []
     for index, name in enumerate(("fwd", "fwd+bwd")):
         backward = name == "fwd+bwd"
         window_flops = attention_flops(window_pairs(seqlen, window), *dims, backward=backward)
         sdpa_flops = attention_flops(causal_pairs(seqlen), *dims, backward=backward)
         ms, sdpa_ms = timed(ours[index]), timed(theirs[index])
+        traffic = compulsory_bytes(inputs, [out], backward)
+        tbps, share = roofline(window_flops, traffic, ms)
         rows.append(
             {
                 "pass": name,
@@ -71,6 +78,8 @@ def bench_one(setting: Setting, seqlen: int, window: int) -> list[dict[str, obje
                 "SDPA / window": sdpa_ms / ms,
                 "window TFLOP/s": window_flops / ms / 1e9,
                 "SDPA TFLOP/s": sdpa_flops / sdpa_ms / 1e9,
+                "window TB/s": tbps,
+                "window roofline %": share,
                 "SDPA backend": sdpa_name,
             }
         )
@@ -91,7 +100,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_window.py needs a CUDA GPU")
 
-    columns = ["window ms", "SDPA ms", "SDPA / window", "window TFLOP/s", "SDPA TFLOP/s"]
+    columns = ["window ms", "SDPA ms", "SDPA / window", "window TFLOP/s", "SDPA TFLOP/s",
+               "window TB/s", "window roofline %"]
     lines = [
         f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}, Python {platform.python_version()}",
