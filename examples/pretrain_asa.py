@@ -180,7 +180,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     log.add_argument(
         "--profile-steps", type=int, nargs=2, default=(2, 3), metavar=("FIRST", "LAST"),
-        help="the steps profiled, counted from 1, both included (default: 2 3)",
+        help="the steps profiled, both included, counted from 1 over the whole training (a "
+        "resumed run profiles those it takes; default: 2 3)",
     )
     log.add_argument(
         "--export-hf", type=Path,
@@ -931,17 +932,20 @@ def evaluate(chunks, valid_batches: Batches, device: torch.device, args) -> floa
 
 
 class StepProfiler:
-    """torch.profiler over the steps FIRST..LAST (counted from 1): where a step's time goes,
-    kernel by kernel. Writes `trace_rank{r}.json` (chrome://tracing, Perfetto) and
-    `ops_rank{r}.txt`, the ops ranked by their own GPU time (CPU time without a GPU)."""
+    """torch.profiler over the steps FIRST..LAST (counted from 1 over the whole training, so
+    a resumed run profiles those it takes): where a step's time goes, kernel by kernel.
+    Writes `trace_rank{r}.json` (chrome://tracing, Perfetto) and `ops_rank{r}.txt`, the ops
+    ranked by their own GPU time (CPU time without a GPU)."""
 
     def __init__(self, folder: Path | None, first: int, last: int, rank: int, echo: bool):
         self.folder, self.first, self.last, self.rank, self.echo = folder, first, last, rank, echo
         self.profile: torch.profiler.profile | None = None
+        self.started = 0
 
     def before(self, step: int) -> None:
-        if self.folder is None or step != self.first:
+        if self.folder is None or self.profile is not None or not self.first <= step <= self.last:
             return
+        self.started = step
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -955,7 +959,7 @@ class StepProfiler:
         self.profile.__exit__(None, None, None)
         self.folder.mkdir(parents=True, exist_ok=True)
         key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        steps = f"steps {self.first}-{self.last}, rank {self.rank}"
+        steps = f"steps {self.started}-{self.last}, rank {self.rank}"
         table = self.profile.key_averages().table(sort_by=key, row_limit=40)
         for name, write in (
             (f"trace_rank{self.rank}.json", self.profile.export_chrome_trace),

@@ -72,10 +72,13 @@ def test_resume_repeats_the_straight_run(straight_run, tmp_path):
     log = tmp_path / "metrics.jsonl"
     result = pretrain(
         "--preset", "tiny", "--mock-data", "--train-iters", STEPS, "--load", half,
-        "--log-file", log,
+        "--log-file", log, "--profile-dir", tmp_path / "profile", "--profile-steps", 2, 4,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert losses(log) == straight[STEPS // 2 :]
+    # Steps 2-4 are counted over the whole training: the resumed run profiles step 4.
+    table = (tmp_path / "profile" / "ops_rank0.txt").read_text()
+    assert table.startswith("# steps 4-4, rank 0")
 
 
 def test_refuses_a_checkpoint_of_another_config(straight_run):
