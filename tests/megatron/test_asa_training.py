@@ -1,6 +1,6 @@
 """One CPU process with gloo: the tiny ASA GPTModel trains with Megatron's DDP and
-optimizer, every layer kind builds and trains, and recompute / packed sequences / bf16 give
-what they should."""
+optimizer, every layer kind builds and trains, and recompute / packed sequences / bf16 /
+deterministic_mode give what they should."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cpu_support import run_checks
 from megatron.core.packed_seq_params import PackedSeqParams
 from tiny_gpt import (
     SEQ,
+    batch,
     build_model,
     forward_backward,
     full_tensors,
@@ -62,7 +63,6 @@ def yarn_rope_trains(rank, world_size):
 
 def recompute_gives_the_same_loss_and_gradients(rank, world_size):
     from megatron.core.distributed import DistributedDataParallelConfig
-    from tiny_gpt import batch
 
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     variants = {
@@ -123,6 +123,47 @@ def packed_sequences_attend_within_documents(rank, world_size):
         start += n
 
 
+def deterministic_mode_keeps_the_kernels_free_of_atomics(rank, world_size):
+    """Megatron's deterministic_mode reaches the Triton kernels through the global layer: with
+    the key-major (fp32 atomics) forward made to fail, a deterministic model still gives the
+    reference backend's loss and gradients, while the same model without deterministic_mode
+    reaches the key-major forward."""
+    from nsa_kernels.selected_attention import triton_op
+
+    def key_major_forward(*args, **kwargs):
+        raise RuntimeError("the key-major forward ran")
+
+    key_major = triton_op.attention_forward_key_major
+    triton_op.attention_forward_key_major = key_major_forward
+    try:
+        results = {}
+        for name, overrides in {
+            "reference": {},
+            "triton": dict(nsa_backend="triton", deterministic_mode=True),
+        }.items():
+            config = tiny_config(num_layers=2, **overrides)
+            init_parallel(config)
+            chunks = build_model(config)
+            if name == "reference":
+                weights = full_tensors(chunks)
+            load_full(chunks, weights)
+            loss = forward_backward(chunks, batch())
+            results[name] = (loss, full_tensors(chunks, grads))
+        loss, gradients = results["reference"]
+        other_loss, other_grads = results["triton"]
+        torch.testing.assert_close(other_loss, loss, atol=1e-5, rtol=1e-4)
+        for key, value in gradients.items():
+            torch.testing.assert_close(other_grads[key], value, atol=1e-5, rtol=1e-4, msg=key)
+        config = tiny_config(num_layers=2, nsa_backend="triton")
+        init_parallel(config)
+        chunks = build_model(config)
+        load_full(chunks, weights)
+        with pytest.raises(RuntimeError, match="the key-major forward ran"):
+            forward_backward(chunks, batch())
+    finally:
+        triton_op.attention_forward_key_major = key_major
+
+
 CHECKS = [
     trains_lg_model,
     trains_dense_and_nsa_models,
@@ -131,6 +172,7 @@ CHECKS = [
     yarn_rope_trains,
     recompute_gives_the_same_loss_and_gradients,
     packed_sequences_attend_within_documents,
+    deterministic_mode_keeps_the_kernels_free_of_atomics,
 ]
 
 
