@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from common import compulsory_bytes, roofline
+from common import compulsory_bytes, roofline, timed
 from nsa_kernels import compressed_attention, num_compressed_blocks, select_blocks
+from nsa_kernels.flops import attention_flops, compressed_pairs
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,6 @@ SETTINGS = {
     "asa": Setting("ASA defaults (l=32, s=16, l'=64, n=16)", 32, 16, 64, 16),
 }
 HEADS, KV_HEADS, DIM = 64, 4, 128
-
-
-def visible_pairs(seqlen: int, block_size: int, stride: int) -> int:
-    """Sum over queries t of the compressed blocks they see (i*s + l - 1 <= t)."""
-    total = 0
-    num_cmp = num_compressed_blocks(seqlen, block_size, stride)
-    for i in range(num_cmp):
-        total += seqlen - (i * stride + block_size - 1)
-    return total
 
 
 def bench_one(setting: Setting, seqlen: int) -> dict[str, float]:
@@ -77,10 +69,10 @@ def bench_one(setting: Setting, seqlen: int) -> dict[str, float]:
             lse=lse, backend="triton",
         )
 
-    pairs = visible_pairs(seqlen, *blocks) * HEADS
+    pairs = compressed_pairs(seqlen, *blocks) * HEADS
     flops = {
-        "fwd": 2 * pairs * (DIM + DIM),
-        "fwd+bwd": 2 * pairs * (DIM + DIM) + 2 * pairs * (3 * DIM + 2 * DIM),
+        "fwd": attention_flops(pairs, 1, DIM, DIM),
+        "fwd+bwd": attention_flops(pairs, 1, DIM, DIM, backward=True),
         "select": 2 * pairs * DIM,
     }
     outputs = [o.detach(), lse]
@@ -91,7 +83,7 @@ def bench_one(setting: Setting, seqlen: int) -> dict[str, float]:
     }
     result = {}
     for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward), ("select", select)):
-        ms = triton.testing.do_bench(fn, return_mode="median")
+        ms = timed(fn)
         result[f"{name} ms"] = ms
         result[f"{name} TFLOP/s"] = flops[name] / ms / 1e9
         result[f"{name} TB/s"], result[f"{name} roofline %"] = roofline(
