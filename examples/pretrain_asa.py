@@ -103,6 +103,10 @@ PRESETS: dict[str, dict] = {
 }
 """Architectures; the blocks of 350m / 1.3b are NSA's, with the ASA paper's 4-query reuse."""
 
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "mlp")
+"""Megatron's selective-recompute modules that apply to ASA's dense-MLP layers ("layernorm"
+is left out: megatron-core 0.16 recomputes norms through Transformer Engine's FP8 state)."""
+
 PRESET_TRAINING = {
     "tiny": dict(seq_length=512, lr=3e-3, lr_warmup_iters=2, mock_vocab_size=1024),
     "350m": dict(seq_length=8192, lr=3e-4, lr_warmup_iters=500, mock_vocab_size=MOCK_VOCAB_SIZE),
@@ -121,6 +125,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pattern", default="LG", help="layer kinds over depth (L, G, D, N)")
     model.add_argument("--seq-length", type=int, help="tokens per sample (default: preset's)")
     model.add_argument("--recompute", choices=("full", "selective"), help="activation recompute")
+    model.add_argument(
+        "--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES,
+        help="what --recompute selective recomputes (default: core_attn mla_up_proj); "
+        "mlp keeps the attention and recomputes the MLPs",
+    )
+    model.add_argument(
+        "--no-elementwise-fusion", action="store_true",
+        help="run the attention layers' RoPE / concatenation / norm glue unfused on the GPU",
+    )
 
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -243,6 +256,11 @@ def check_args(args: argparse.Namespace) -> ASATransformerConfig:
             f"data-parallel size = {args.micro_batch_size * dp}"
         )
     args.global_batch_size = global_batch
+    if args.recompute_modules and args.recompute != "selective":
+        raise ValueError(
+            f"--recompute-modules {' '.join(args.recompute_modules)} needs --recompute selective "
+            f"(got --recompute {args.recompute})"
+        )
     config = build_config(args)
     check_seq_length(args, config)
     if args.export_hf is not None:
@@ -287,9 +305,8 @@ def build_config(args: argparse.Namespace) -> ASATransformerConfig:
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
         )
     elif args.recompute == "selective":
-        recompute = dict(
-            recompute_granularity="selective", recompute_modules=["core_attn", "mla_up_proj"]
-        )
+        modules = args.recompute_modules or ["core_attn", "mla_up_proj"]
+        recompute = dict(recompute_granularity="selective", recompute_modules=list(modules))
     return ASATransformerConfig(
         **PRESETS[args.preset],
         attention_pattern=args.pattern,
@@ -306,6 +323,7 @@ def build_config(args: argparse.Namespace) -> ASATransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=not cuda,
+        fuse_elementwise=not args.no_elementwise_fusion,
         **recompute,
     )
 

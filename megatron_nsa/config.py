@@ -77,6 +77,11 @@ class ASATransformerConfig(MLATransformerConfig):
     """Attention ops backend: "auto" (Triton on CUDA, reference otherwise), "triton",
     "reference"."""
 
+    fuse_elementwise: bool = False
+    """Run the attention layers' elementwise glue (RoPE with the concatenation of RoPE and
+    non-RoPE halves, the latent RMSNorm, the gated sum of branches) as torch.compile'd
+    kernels on CUDA, as Megatron's bias / activation fusions do; no effect on CPU."""
+
     rope_type: str = "rope"
     """Plain RoPE unless YaRN is asked for (Megatron's MLA default is DeepSeek-V3's YaRN)."""
 
@@ -139,6 +144,8 @@ class ASATransformerConfig(MLATransformerConfig):
         hidden = self.compress_mlp_hidden_size
         if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
             raise _bad("compress_mlp_hidden_size", hidden, "must be None or a positive integer")
+        if not isinstance(self.fuse_elementwise, bool):
+            raise _bad("fuse_elementwise", self.fuse_elementwise, "must be True or False")
         if self.nsa_backend not in NSA_BACKENDS:
             raise _bad("nsa_backend", self.nsa_backend, f"allowed: {', '.join(NSA_BACKENDS)}")
         if self.attention_dropout:

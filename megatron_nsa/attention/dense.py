@@ -30,6 +30,7 @@ from .base import (
     TokenLayout,
     packed_cu_seqlens,
 )
+from .fusion import rotate
 from .rope import Rotary, default_softmax_scale
 
 
@@ -86,7 +87,9 @@ class GQAProjectionMixin:
         q, k, v = qkv.split([per_group, 1, 1], dim=3)
         q = q.reshape(*q.shape[:2], -1, self.head_dim)
         cos, sin = self.rotary.cos_sin(tokens.positions, tokens.length)
-        return Rotary.rotate(q, cos, sin), Rotary.rotate(k.squeeze(3), cos, sin), v.squeeze(3)
+        fuse = self.config.fuse_elementwise
+        q, k = rotate(q, cos, sin, fuse=fuse), rotate(k.squeeze(3), cos, sin, fuse=fuse)
+        return q, k, v.squeeze(3)
 
     def start_kv_gather(
         self: ASASelfAttention, key: torch.Tensor, value: torch.Tensor, cp: ContextParallelLayout

@@ -48,9 +48,9 @@ from ..parallel import (
     replicate_over_tp,
 )
 from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
+from .fusion import gated_sum, group_cat, rms_norm, rope_cat
 from .linear import partitioned_state_dict
 from .query import LatentQueryMixin, LatentQuerySubmodules
-from .rope import Rotary
 
 
 class LatentNorm(MegatronModule):
@@ -71,9 +71,7 @@ class LatentNorm(MegatronModule):
         mark_partitioned(self.weight, partition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, fuse=self.config.fuse_elementwise)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return partitioned_state_dict(self, prefix, sharded_offsets, metadata)
@@ -146,8 +144,10 @@ class GlobalSelfAttention(LatentQueryMixin, ASASelfAttention):
         k_rope = replicate_over_tp(
             k_rope, self.tp_group, self.config.sequence_parallel, self.latents.replicas
         )
-        k_rope = Rotary.rotate(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # [s, b, d_R]
-        latent = torch.cat((latent.flatten(2), k_rope), dim=-1)  # [s, b, h_c_local * d_c' + d_R]
+        latent = rope_cat(
+            latent.flatten(2).unsqueeze(2), k_rope.unsqueeze(2), cos, sin,
+            fuse=self.config.fuse_elementwise,
+        ).squeeze(2)  # [s, b, h_c_local * d_c' + d_R], k^R rotated
         if cp is None:
             query = self.query(hidden_states, cos, sin)  # [s, b, H, d_h + d_R]
             gates = self.gates(hidden_states, query)
@@ -275,7 +275,7 @@ class GlobalCoreAttention(ASACoreAttention):
         d_r = self.config.qk_pos_emb_head_dim
         c, k_rope = latent.split([latent.shape[-1] - d_r, d_r], dim=-1)
         c = c.unflatten(-1, (self.latents.local_heads, -1))
-        return torch.cat((c, k_rope.unsqueeze(-2).expand(*c.shape[:-1], -1)), dim=-1)
+        return group_cat(c, k_rope.unsqueeze(-2), fuse=self.config.fuse_elementwise)
 
     def compress_chunks(
         self, latent: torch.Tensor, pieces: list[CompressionPiece]
@@ -356,4 +356,4 @@ class GlobalCoreAttention(ASACoreAttention):
             deterministic=self.config.deterministic_mode,
             **self.op_arguments(cu_seqlens, q_offset),
         )
-        return gates[..., :1] * o_cmp + gates[..., 1:] * o_slc
+        return gated_sum(gates, o_cmp, o_slc, fuse=self.config.fuse_elementwise)

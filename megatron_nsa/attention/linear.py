@@ -30,6 +30,7 @@ from ..parallel import (
     reduce_grad_over_replicas,
     replicate_over_tp,
 )
+from .fusion import group_cat
 
 
 class DuplicatedLinear(MegatronModule):
@@ -189,8 +190,7 @@ class LatentKVUpProjection(MegatronModule):
         kv = torch.einsum("bnjc,jkc->bnjk", latent, weight)  # [b, n, h_c_local, G * (dk + dv)]
         kv = kv.reshape(*kv.shape[:2], self.heads.local_heads, self.key_dim + self.value_dim)
         k_nope, v = kv.split([self.key_dim, self.value_dim], dim=-1)
-        k_rope = k_rope.repeat_interleave(group, dim=2)  # [b, n, H_local, d_R]
-        return torch.cat((k_nope, k_rope), dim=-1), v
+        return group_cat(k_nope, k_rope, fuse=self.config.fuse_elementwise), v
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return partitioned_state_dict(self, prefix, sharded_offsets, metadata, self.heads)

@@ -40,8 +40,8 @@ from ..context_parallel import (
 )
 from ..parallel import replicate_over_tp
 from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens
+from .fusion import rope_cat
 from .query import LatentQueryMixin, LatentQuerySubmodules
-from .rope import Rotary
 
 
 @dataclass
@@ -117,8 +117,9 @@ class LocalSelfAttention(LatentQueryMixin, ASASelfAttention):
             keys = k_rope.shape[0]
             kv = kv[:keys].view(keys, kv.shape[1], self.heads.local_heads, -1)
             k_nope, value = kv.split([config.qk_head_dim, config.v_head_dim], dim=-1)
-            k_rope = Rotary.rotate(k_rope.unsqueeze(2), key_cos, key_sin)
-            key = torch.cat((k_nope, k_rope.expand(*k_nope.shape[:3], -1)), dim=-1)
+            key = rope_cat(
+                k_nope, k_rope.unsqueeze(2), key_cos, key_sin, fuse=config.fuse_elementwise
+            )
             return self.run_core(
                 query, key, value, packed_seq_params, checkpoint=not whole, pieces=pieces
             )

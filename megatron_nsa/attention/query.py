@@ -12,6 +12,7 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .base import ASASelfAttention, ASASelfAttentionSubmodules
+from .fusion import rope_cat
 from .rope import Rotary, default_softmax_scale
 
 
@@ -87,4 +88,4 @@ class LatentQueryMixin:
             q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))
         q = q.view(*q.shape[:2], self.heads.local_heads, self.q_head_dim)
         q_nope, q_rope = q.split([self.config.qk_head_dim, self.config.qk_pos_emb_head_dim], -1)
-        return torch.cat((q_nope, Rotary.rotate(q_rope, cos, sin)), dim=-1)
+        return rope_cat(q_nope, q_rope, cos, sin, fuse=self.config.fuse_elementwise)

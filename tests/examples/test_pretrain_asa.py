@@ -188,6 +188,8 @@ def refused(script, capsys, *argv: str | Path) -> str:
          "--profile-steps 3 5 must satisfy 1 <= FIRST <= LAST <= --train-iters 4"),
         (("--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "258"),
          "4", "--sequence-parallel splits each rank's 258 tokens over TP=4 ranks"),
+        (("--recompute", "full", "--recompute-modules", "mlp"), "1",
+         "--recompute-modules mlp needs --recompute selective (got --recompute full)"),
         (("--tensor-model-parallel-size", "3",), "3",
          "num_attention_heads=4 is invalid: must be a multiple of tensor_model_parallel_size=3"),
     ],

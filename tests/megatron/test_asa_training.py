@@ -74,6 +74,7 @@ def recompute_gives_the_same_loss_and_gradients(rank, world_size):
             recompute_granularity="selective",
             recompute_modules=["core_attn", "mla_up_proj"],
         ),
+        "selective mlp": dict(recompute_granularity="selective", recompute_modules=["mlp"]),
     }
     results = {}
     for name, overrides in variants.items():

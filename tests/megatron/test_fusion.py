@@ -1,0 +1,127 @@
+"""The fused elementwise glue of the attention layers (megatron_nsa.attention.fusion).
+
+On CPU the functions run as written; these tests check them against independent formulas and
+check that each traces as one graph (torch.compile fullgraph, the aot_eager backend: what
+inductor would fuse on CUDA) with the same forward and gradients. The `gpu` test compiles
+them with inductor on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_nsa.attention import fusion
+
+
+def rotate_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention as a complex product: channel pairs (i, i + d/2)."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double())
+    w = torch.complex(cos[..., :half].double(), sin[..., :half].double())
+    out = z * w
+    return torch.cat((out.real, out.imag), dim=-1).to(x.dtype)
+
+
+def cos_sin(length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    theta = torch.rand(length, 1, 1, dim // 2, dtype=torch.float64) * 6.0
+    theta = torch.cat((theta, theta), dim=-1)
+    return theta.cos().float(), theta.sin().float()
+
+
+def inputs(fn_name: str, dtype=torch.float32, device="cpu") -> tuple:
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    s, b, heads, d, d_r = 7, 2, 6, 5, 4
+    cos, sin = (t.to(device) for t in cos_sin(s, d_r))
+    if fn_name == "rope_cat":
+        return rand(s, b, heads, d), rand(s, b, 1, d_r), cos, sin
+    if fn_name == "rotate":
+        return rand(s, b, heads, d_r + 2), cos, sin
+    if fn_name == "group_cat":
+        return rand(b, s, heads, d), rand(b, s, 3, d_r)
+    if fn_name == "rms_norm":
+        return rand(s, b, 3, d), rand(3, d) + 1.0, 1e-5
+    return torch.sigmoid(rand(b, s, heads, 2)), rand(b, s, heads, d), rand(b, s, heads, d)
+
+
+FUNCTIONS = ("rope_cat", "rotate", "group_cat", "rms_norm", "gated_sum")
+
+
+def test_rope_cat_rotates_the_shared_part_for_every_head():
+    nope, rope, cos, sin = inputs("rope_cat")
+    out = fusion.rope_cat(nope, rope, cos, sin)
+    assert out.shape == (*nope.shape[:-1], nope.shape[-1] + rope.shape[-1])
+    torch.testing.assert_close(out[..., : nope.shape[-1]], nope, rtol=0, atol=0)
+    expected = rotate_complex(rope, cos, sin).expand(*nope.shape[:-1], -1)
+    torch.testing.assert_close(out[..., nope.shape[-1]:], expected)
+
+
+def test_rotate_leaves_channels_past_the_rope_dim():
+    x, cos, sin = inputs("rotate")
+    d_r = cos.shape[-1]
+    out = fusion.rotate(x, cos, sin)
+    torch.testing.assert_close(out[..., :d_r], rotate_complex(x[..., :d_r], cos, sin))
+    torch.testing.assert_close(out[..., d_r:], x[..., d_r:], rtol=0, atol=0)
+
+
+def test_group_cat_gives_each_head_its_groups_part():
+    nope, shared = inputs("group_cat")
+    groups = shared.shape[2]
+    per_group = nope.shape[2] // groups
+    out = fusion.group_cat(nope, shared)
+    for h in range(nope.shape[2]):
+        expected = torch.cat((nope[:, :, h], shared[:, :, h // per_group]), dim=-1)
+        torch.testing.assert_close(out[:, :, h], expected, rtol=0, atol=0)
+
+
+def test_rms_norm_and_gated_sum_match_their_formulas():
+    x, weight, eps = inputs("rms_norm")
+    rms = x.double().pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    torch.testing.assert_close(fusion.rms_norm(x, weight, eps), (x.double() / rms * weight).float())
+    gates, o_cmp, o_slc = inputs("gated_sum")
+    expected = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc
+    torch.testing.assert_close(fusion.gated_sum(gates, o_cmp, o_slc), expected)
+
+
+def test_fuse_on_cpu_runs_the_plain_function():
+    for name in FUNCTIONS:
+        fn = getattr(fusion, name)
+        args = inputs(name)
+        torch.testing.assert_close(fn(*args, fuse=True), fn(*args), rtol=0, atol=0)
+        assert fn.compiled is None, name
+
+
+def forward_and_grads(fn, args: tuple) -> list[torch.Tensor]:
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+              for a in args]
+    out = fn(*leaves)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+    (out * weights.view(out.shape)).sum().backward()
+    return [out] + [a.grad for a in leaves if isinstance(a, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_each_function_traces_as_one_graph_with_the_same_results(name):
+    fn = getattr(fusion, name).fn
+    torch._dynamo.reset()
+    traced = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    args = inputs(name)
+    for got, want in zip(forward_and_grads(traced, args), forward_and_grads(fn, args),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_fused_on_cuda_matches_the_plain_function(name):
+    fn = getattr(fusion, name)
+    args = inputs(name, dtype=torch.bfloat16, device="cuda")
+    fused = forward_and_grads(lambda *a: fn(*a, fuse=True), args)
+    plain = forward_and_grads(fn.fn, args)
+    assert fn.compiled is not None
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
