@@ -16,11 +16,15 @@ and every query that picked the block is counted, however many there are. Lists 
 fp32 partial sums; a second kernel adds them in a fixed order, so dK and dV are deterministic.
 
 Forward and dQ, key-major (units of fewer than 16 heads, whole head dims): the same programs
-over the same lists. The forward takes two launches: the log-sum-exp of each (query, head)
-row over one block's keys, combined per row with torch ops, then P V of every block with
-the now-normalised P, added into an fp32 output with relaxed atomics; dQ adds dS K the same
-way inside the dK/dV program. A query gets one add per block it chose, so there is little
-contention, and each chosen block is read once per list step instead of once per query.
+over the same lists. The forward needs no running maximum: each row's scores are measured
+against an upper bound (Cauchy-Schwarz: ||q|| times the largest key norm of its KV head), so
+exp2(s - bound) never exceeds 1, and one launch adds each block's P V and the sum of P into
+fp32 buffers with relaxed atomics, divided out after. Where a row's best score sits so far
+below its bound that its terms would near fp32 underflow (BOUND_SLACK), the call takes two
+launches instead: the log-sum-exp of each (query, head) row over one block's keys, combined
+per row with torch ops, then P V with the normalised P. dQ adds dS K the same way inside the
+dK/dV program. A query gets one add per block it chose, so there is little contention, and
+each chosen block is read once per list step instead of once per query.
 
 Forward and dQ, query-major (units of 16+ heads, which fill a tile's rows with one query's
 heads; head dims split over tiles; `key_major=False`, whose results are bitwise
@@ -369,7 +373,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_key_major_kernel(
-    q, k, v, lse, part_lse, o_acc, items, queries, tiles, cu_seqlens,
+    q, k, v, lse, part_lse, o_acc, l_acc, top, items, queries, tiles, cu_seqlens,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -379,13 +383,18 @@ def _fwd_key_major_kernel(
     UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PACKED: tl.constexpr,
-    PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, MODE: tl.constexpr,
 ):
     """The forward from one key block of one KV head and one piece of its query list (work
-    items as for dK/dV), in two launches. First (ACCUMULATE=False): the base-2 log-sum-exp of
-    each (entry, head) row over this block's visible keys, into part_lse [E, KV_PER_OWNER *
-    UNIT]. Then, with the rows' combined lse: P V of this block added into the fp32
-    [B, T, HQ, DV] buffer o_acc; P is already normalised, so the adds need no rescaling."""
+    items as for dK/dV). Rows are (entry, head); `lse` holds one base-2 value per
+    [B, T, HQ] row, whose softmax terms are exp2(s - lse[row]).
+
+    MODE 2 (one launch): `lse` is an upper bound of the row's scores, so no term exceeds 1;
+    this block's P V is added into the fp32 [B, T, HQ, DV] buffer o_acc, the sum of P into
+    l_acc and the largest s - bound into top (both [B, T, HQ]); o = o_acc / l_acc after.
+    MODE 0 and 1 (two launches, for bounds too loose for fp32): first the log-sum-exp of
+    each row over this block's visible keys into part_lse [E, KV_PER_OWNER * UNIT], then,
+    with the rows' combined lse, the normalised P V added into o_acc."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
     lo = tl.load(item + 1)
@@ -400,7 +409,7 @@ def _fwd_key_major_kernel(
     k_rows = (bos + key).to(tl.int64) * stride_kt
     k_tile = load_rows(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, offs_dk, DK,
                         stride_kd)  # [BK, DK]
-    if ACCUMULATE:
+    if MODE > 0:
         v_rows = (bos + key).to(tl.int64) * stride_vt
         v_tile = load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
                             stride_vd)  # [BK, DV]
@@ -416,13 +425,19 @@ def _fwd_key_major_kernel(
         visible = row_ok[:, None] & k_ok[None, :]
         visible = visible & (key[None, :] <= (q_offset + tok - bos)[:, None])
         s = tl.where(visible, s, float("-inf"))
-        if ACCUMULATE:
+        if MODE > 0:
             row_off = (b * seq_len + tok) * HQ + h
-            p = tl.exp2(s - _saved_lse(lse, row_off, row_ok)[:, None])
+            ref = _saved_lse(lse, row_off, row_ok)
+            p = tl.exp2(s - ref[:, None])
             o_rows = tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)  # [BR, DV]
             o_ptr = o_acc + row_off[:, None] * DV + offs_dv[None, :]
             tl.atomic_add(o_ptr, o_rows, mask=row_ok[:, None] & (offs_dv < DV)[None, :],
                           sem="relaxed")
+            if MODE == 2:
+                tl.atomic_add(l_acc + row_off, tl.sum(p, axis=1), mask=row_ok, sem="relaxed")
+                m = tl.max(s, axis=1)
+                tl.atomic_max(top + row_off, m - ref, mask=row_ok & (m > float("-inf")),
+                              sem="relaxed")
         else:
             m = tl.max(s, axis=1)
             m_ref = tl.where(m == float("-inf"), 0.0, m)  # rows that see no key here
@@ -784,12 +799,13 @@ def inverse_index(
     block_size: int,
     heads: HeadLayout,
     layout: SeqLayout,
-) -> tuple[InverseIndex, torch.Tensor]:
+    with_positions: bool = True,
+) -> tuple[InverseIndex, torch.Tensor | None]:
     """For block_indices [B, T, HI, n]: segment (b * owners + owner) * num_blocks + block
     lists its entries in ascending order (int32 when they fit); only `usable_indices` count,
     blocks numbered globally over the packed documents. Also returns positions int64
-    [B, T, HI, n], the entry of each choice (-1 if not usable): the key-major forward
-    combines per-entry results with them.
+    [B, T, HI, n], the entry of each choice (-1 if not usable), when asked: the two-launch
+    key-major forward combines per-entry results with them.
     """
     batch, seqlen, sel_heads, _ = block_indices.shape
     device = block_indices.device
@@ -807,6 +823,8 @@ def inverse_index(
     num_segments = batch * heads.owners * num_blocks
     offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(torch.bincount(segment, minlength=num_segments), 0)
+    if not with_positions:
+        return InverseIndex(offsets, entries, num_blocks), None
     positions = torch.full(valid.shape, -1, dtype=torch.int64, device=device)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=device)
@@ -958,25 +976,44 @@ def combine_lse(part_lse: torch.Tensor, positions: torch.Tensor, heads: int) -> 
     return lse.reshape(*positions.shape[:2], heads)
 
 
+BOUND_SLACK = 64.0
+"""How far (base 2) a row's best score may sit below its bound in the one-launch key-major
+forward: its largest softmax term is then at least 2^-64, far above fp32's underflow. A call
+with a row further below runs the two-launch forward instead."""
+
+
+def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """An upper bound of every base-2 score of each row, [B, T, HQ] fp32 (Cauchy-Schwarz):
+    |scale| log2(e) ||q_row|| max_j ||k_j|| over the row's KV head."""
+    batch, _, heads, _ = q.shape
+    q_norm = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)  # [B, T, HQ]
+    if k.shape[1] == 0:
+        return torch.zeros_like(q_norm)
+    k_max = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax(dim=1)  # [B, HK]
+    k_max = k_max.repeat_interleave(heads // k.shape[2], dim=1)  # [B, HQ]
+    return q_norm * k_max[:, None, :] * (abs(scale) * LOG2E)
+
+
 def attention_forward_key_major(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     work: KeyBlockWork,
-    positions: torch.Tensor,
+    block_indices: torch.Tensor,
     prob: Problem,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-major forward, same results as `attention_forward`: per-entry log-sum-exps, their
-    combination per row, then P V added from every chosen block."""
+    """Key-major forward, same results as `attention_forward`.
+
+    One launch: each row's terms exp2(s - bound) (`score_bound`) and their P V are summed
+    over its chosen blocks with atomics, then divided out. When some row's best score sits
+    more than BOUND_SLACK below its bound (or in fp16, whose P would lose bits), two: the
+    per-entry log-sum-exps, their combination per row, then the normalised P V."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     layout, heads_layout, cfg = prob.layout, prob.heads, prob.cfg
-    columns = heads_layout.kv_per_owner * heads_layout.unit
     index, items = work.index, work.items
-    part_lse = torch.empty(
-        max(index.entries.numel(), 1), columns, dtype=torch.float32, device=q.device
-    )
-    o_acc = torch.zeros(batch, seqlen, heads, dv, dtype=torch.float32, device=q.device)
+    rows = (batch, seqlen, heads)
+    o_acc = torch.zeros(*rows, dv, dtype=torch.float32, device=q.device)
     block_table, _ = layout.tiles(prob.block_size, q.device)
     rows_q = max(1, cfg.key_rows // prob.unit_p)
     launch = dict(
@@ -990,18 +1027,37 @@ def attention_forward_key_major(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    def run(lse: torch.Tensor, accumulate: bool) -> None:
+    def run(lse: torch.Tensor, mode: int, part_lse=o_acc, l_acc=o_acc, top=o_acc) -> None:
+        """One launch; buffers the mode does not touch default to o_acc."""
         if items.shape[0]:
             _fwd_key_major_kernel[(items.shape[0], heads_layout.kv_per_owner)](
-                q, k, v, lse, part_lse, o_acc, items, index.entries, block_table,
+                q, k, v, lse, part_lse, o_acc, l_acc, top, items, index.entries, block_table,
                 layout.cu_seqlens, *q.stride(), *k.stride(), *v.stride(),
                 seqlen, index.num_blocks, layout.q_offset, prob.scale * LOG2E,
-                ACCUMULATE=accumulate, **launch,
+                MODE=mode, **launch,
             )
 
-    run(o_acc, accumulate=False)  # the first pass reads no lse
+    if q.dtype != torch.float16:
+        bound = score_bound(q, k, prob.scale)
+        l_acc = torch.zeros(rows, dtype=torch.float32, device=q.device)
+        top = torch.full(rows, float("-inf"), dtype=torch.float32, device=q.device)
+        run(bound, 2, l_acc=l_acc, top=top)
+        seen = top > float("-inf")  # rows with a visible key
+        if not bool((seen & (top < -BOUND_SLACK)).any()):
+            l_safe = torch.where(seen, l_acc, 1.0)
+            lse = torch.where(seen, bound + torch.log2(l_safe), float("-inf"))
+            return (o_acc / l_safe[..., None]).to(q.dtype), lse
+        o_acc.zero_()
+    _, positions = inverse_index(
+        block_indices, prob.block_size, heads_layout, layout, with_positions=True
+    )
+    columns = heads_layout.kv_per_owner * heads_layout.unit
+    part_lse = torch.empty(
+        max(index.entries.numel(), 1), columns, dtype=torch.float32, device=q.device
+    )
+    run(o_acc, 0, part_lse=part_lse)  # the first launch reads no lse
     lse = combine_lse(part_lse, positions, heads)
-    run(lse, accumulate=True)
+    run(lse, 1)
     return o_acc.to(q.dtype), lse
 
 
@@ -1059,7 +1115,9 @@ def attention_backward(
 
     acc_tiles = max(ksplit.tiles, vsplit.tiles)
     if work is None:
-        index, _ = inverse_index(block_indices, prob.block_size, heads_layout, layout)
+        index, _ = inverse_index(
+            block_indices, prob.block_size, heads_layout, layout, with_positions=False
+        )
         work = KeyBlockWork.build(index, cfg, heads_layout.kv_per_owner * acc_tiles, q.device)
     entries, num_blocks = work.index.entries, work.index.num_blocks
     items, splits, num_slots = work.items, work.splits, work.num_slots
@@ -1107,11 +1165,11 @@ class SelectedAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_indices, prob):
         ctx.prob = prob
         if prob.key_major(q.shape[-1], v.shape[-1]):
-            index, positions = inverse_index(
-                block_indices, prob.block_size, prob.heads, prob.layout
+            index, _ = inverse_index(
+                block_indices, prob.block_size, prob.heads, prob.layout, with_positions=False
             )
             work = KeyBlockWork.build(index, prob.cfg, prob.heads.kv_per_owner, q.device)
-            o, lse = attention_forward_key_major(q, k, v, work, positions, prob)
+            o, lse = attention_forward_key_major(q, k, v, work, block_indices, prob)
             ctx.num_blocks, ctx.num_slots = index.num_blocks, work.num_slots
             ctx.save_for_backward(
                 q, k, v, o, lse, block_indices, index.offsets, index.entries, work.items,

@@ -243,6 +243,27 @@ def test_key_major_choice():
     assert key_major((64, 4, 4), (128, 128), key_major=True)
 
 
+@pytest.mark.parametrize("loose", [False, True], ids=["one-launch", "two-launch"])
+def test_key_major_forward_with_a_tight_and_a_loose_score_bound(monkeypatch, loose):
+    """The key-major forward sums each row's exp2(s - bound) in one launch when its best
+    score is within BOUND_SLACK of the bound, and falls back to two launches (per-entry
+    log-sum-exps, combined) when a key far from every query in direction but huge in norm
+    loosens the bound of the rows that chose its block; both match the reference."""
+    q, k, v = make_qkv(1, 21, (4, 4, 2), (16, 8), seed=31)  # per-head keys: key-major
+    indices = random_indices(1, 21, 2, 3, 4, forced=True, seed=31)
+    if loose:
+        with torch.no_grad():
+            q[..., 0] = 0.0
+            k[:, 2, :, 0] = 1e3  # block 0, chosen by every query; orthogonal to all of them
+    combined = []
+    combine = triton_op.combine_lse
+    monkeypatch.setattr(
+        triton_op, "combine_lse", lambda *a: combined.append(1) or combine(*a)
+    )
+    assert_matches_reference(q, k, v, indices, 4)
+    assert bool(combined) == loose
+
+
 def test_deterministic_takes_no_atomics(monkeypatch):
     """`deterministic=True` (Megatron's deterministic_mode) runs the query-major forward and
     dQ even where the key-major ones (fp32 atomics) are the default, in the op and through
