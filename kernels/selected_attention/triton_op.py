@@ -373,7 +373,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_key_major_kernel(
-    q, k, v, lse, part_lse, o_acc, l_acc, top, items, queries, tiles, cu_seqlens,
+    q, k, v, lse, part_lse, o_acc, l_acc, l_dot, top, items, queries, tiles, cu_seqlens,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -391,7 +391,9 @@ def _fwd_key_major_kernel(
 
     MODE 2 (one launch): `lse` is an upper bound of the row's scores, so no term exceeds 1;
     this block's P V is added into the fp32 [B, T, HQ, DV] buffer o_acc, the sum of P into
-    l_acc and the largest s - bound into top (both [B, T, HQ]); o = o_acc / l_acc after.
+    l_acc, the sum of P as the dot product read it (in V's dtype) into l_dot and the largest
+    s - bound into top (all [B, T, HQ]); after, o = o_acc / l_dot (weights that sum to 1
+    exactly) and lse = bound + log2(l_acc).
     MODE 0 and 1 (two launches, for bounds too loose for fp32): first the log-sum-exp of
     each row over this block's visible keys into part_lse [E, KV_PER_OWNER * UNIT], then,
     with the rows' combined lse, the normalised P V added into o_acc."""
@@ -429,12 +431,15 @@ def _fwd_key_major_kernel(
             row_off = (b * seq_len + tok) * HQ + h
             ref = _saved_lse(lse, row_off, row_ok)
             p = tl.exp2(s - ref[:, None])
-            o_rows = tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)  # [BR, DV]
+            p_dot = p.to(v_tile.dtype)
+            o_rows = tl.dot(p_dot, v_tile, input_precision=PRECISION)  # [BR, DV]
             o_ptr = o_acc + row_off[:, None] * DV + offs_dv[None, :]
             tl.atomic_add(o_ptr, o_rows, mask=row_ok[:, None] & (offs_dv < DV)[None, :],
                           sem="relaxed")
             if MODE == 2:
                 tl.atomic_add(l_acc + row_off, tl.sum(p, axis=1), mask=row_ok, sem="relaxed")
+                tl.atomic_add(l_dot + row_off, tl.sum(p_dot.to(tl.float32), axis=1),
+                              mask=row_ok, sem="relaxed")
                 m = tl.max(s, axis=1)
                 tl.atomic_max(top + row_off, m - ref, mask=row_ok & (m > float("-inf")),
                               sem="relaxed")
@@ -1027,11 +1032,14 @@ def attention_forward_key_major(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    def run(lse: torch.Tensor, mode: int, part_lse=o_acc, l_acc=o_acc, top=o_acc) -> None:
+    def run(
+        lse: torch.Tensor, mode: int, part_lse=o_acc, l_acc=o_acc, l_dot=o_acc, top=o_acc
+    ) -> None:
         """One launch; buffers the mode does not touch default to o_acc."""
         if items.shape[0]:
             _fwd_key_major_kernel[(items.shape[0], heads_layout.kv_per_owner)](
-                q, k, v, lse, part_lse, o_acc, l_acc, top, items, index.entries, block_table,
+                q, k, v, lse, part_lse, o_acc, l_acc, l_dot, top, items, index.entries,
+                block_table,
                 layout.cu_seqlens, *q.stride(), *k.stride(), *v.stride(),
                 seqlen, index.num_blocks, layout.q_offset, prob.scale * LOG2E,
                 MODE=mode, **launch,
@@ -1039,14 +1047,13 @@ def attention_forward_key_major(
 
     if q.dtype != torch.float16:
         bound = score_bound(q, k, prob.scale)
-        l_acc = torch.zeros(rows, dtype=torch.float32, device=q.device)
+        l_acc, l_dot = torch.zeros(2, *rows, dtype=torch.float32, device=q.device)
         top = torch.full(rows, float("-inf"), dtype=torch.float32, device=q.device)
-        run(bound, 2, l_acc=l_acc, top=top)
+        run(bound, 2, l_acc=l_acc, l_dot=l_dot, top=top)
         seen = top > float("-inf")  # rows with a visible key
         if not bool((seen & (top < -BOUND_SLACK)).any()):
-            l_safe = torch.where(seen, l_acc, 1.0)
-            lse = torch.where(seen, bound + torch.log2(l_safe), float("-inf"))
-            return (o_acc / l_safe[..., None]).to(q.dtype), lse
+            lse = torch.where(seen, bound + torch.log2(torch.where(seen, l_acc, 1.0)), -math.inf)
+            return (o_acc / torch.where(seen, l_dot, 1.0)[..., None]).to(q.dtype), lse
         o_acc.zero_()
     _, positions = inverse_index(
         block_indices, prob.block_size, heads_layout, layout, with_positions=True
