@@ -3,7 +3,9 @@
 # wheels (.whl/: megatron-core, flash-linear-attention, fla-core, einops), maps the two
 # import packages onto this checkout, then runs the `gpu` tests and the benchmarks.
 #
-#   bash benchmarks/gpu_checks.sh [tests|bench|model|all]   (results under $OUT or ./gpu_out)
+#   bash benchmarks/gpu_checks.sh [tests|bench|model|all|train|none]  (results: $OUT or ./gpu_out)
+#
+# train: the 64k training comparison (~6 minutes); none: the setup alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -44,5 +46,33 @@ fi
 if [ "$what" = model ] || [ "$what" = all ]; then
   [ -f benchmarks/bench_model.py ] && { python3 benchmarks/bench_model.py --out "$out/bench_model.md" \
     2>&1 | tee "$out/bench_model.log" || status=1; }
+fi
+if [ "$what" = train ]; then
+  # The ~350M preset at 64k on one GPU, ASA (LG) next to dense (D), with each recompute
+  # choice; ASA_DATA: a prepared dataset (default: the carried stdlib corpus).
+  data="${ASA_DATA:-.gpudata/stdlib32k}"
+  for recompute in full mlp; do
+    flags="--recompute full"
+    [ "$recompute" = mlp ] && flags="--recompute selective --recompute-modules mlp"
+    for pattern in LG D; do
+      python3 examples/pretrain_asa.py --preset 350m --seq-length 65536 --data "$data" \
+        --pattern "$pattern" $flags --train-iters 12 --lr-warmup-iters 10 --log-interval 4 \
+        --log-file "$out/train_64k_${pattern}_${recompute}.jsonl" 2>&1 | grep "^step" || status=1
+    done
+  done
+  python3 - "$out" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+rate = {}
+for log in sorted(Path(sys.argv[1]).glob("train_64k_*.jsonl")):
+    rows = [json.loads(line) for line in log.open()]
+    rate[log.stem] = statistics.median(r["tokens_per_s"] for r in rows if r["step"] >= 3)
+    print(f"{log.stem}: median tokens/s over steps 3+ {rate[log.stem]:,.0f}, "
+          f"peak {rows[-1]['peak_mem_gib']:.2f} GiB")
+for recompute in ("full", "mlp"):
+    asa, dense = rate.get(f"train_64k_LG_{recompute}"), rate.get(f"train_64k_D_{recompute}")
+    if asa and dense:
+        print(f"recompute {recompute}: ASA / dense = {asa / dense:.2f}x")
+PY
 fi
 exit $status

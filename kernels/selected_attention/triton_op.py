@@ -373,7 +373,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_key_major_kernel(
-    q, k, v, lse, part_lse, o_acc, l_acc, l_dot, top, items, queries, tiles, cu_seqlens,
+    q, k, v, lse, part_lse, o_acc, l_acc, l_dot, items, queries, tiles, cu_seqlens,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -391,9 +391,9 @@ def _fwd_key_major_kernel(
 
     MODE 2 (one launch): `lse` is an upper bound of the row's scores, so no term exceeds 1;
     this block's P V is added into the fp32 [B, T, HQ, DV] buffer o_acc, the sum of P into
-    l_acc, the sum of P as the dot product read it (in V's dtype) into l_dot and the largest
-    s - bound into top (all [B, T, HQ]); after, o = o_acc / l_dot (weights that sum to 1
-    exactly) and lse = bound + log2(l_acc).
+    l_acc and the sum of P as the dot product read it (in V's dtype) into l_dot (both
+    [B, T, HQ]); after, o = o_acc / l_dot (weights that sum to 1 exactly) and
+    lse = bound + log2(l_acc).
     MODE 0 and 1 (two launches, for bounds too loose for fp32): first the log-sum-exp of
     each row over this block's visible keys into part_lse [E, KV_PER_OWNER * UNIT], then,
     with the rows' combined lse, the normalised P V added into o_acc."""
@@ -440,9 +440,6 @@ def _fwd_key_major_kernel(
                 tl.atomic_add(l_acc + row_off, tl.sum(p, axis=1), mask=row_ok, sem="relaxed")
                 tl.atomic_add(l_dot + row_off, tl.sum(p_dot.to(tl.float32), axis=1),
                               mask=row_ok, sem="relaxed")
-                m = tl.max(s, axis=1)
-                tl.atomic_max(top + row_off, m - ref, mask=row_ok & (m > float("-inf")),
-                              sem="relaxed")
         else:
             m = tl.max(s, axis=1)
             m_ref = tl.where(m == float("-inf"), 0.0, m)  # rows that see no key here
@@ -797,6 +794,7 @@ class InverseIndex:
     offsets: torch.Tensor  # int64 [B * owners * num_blocks + 1]
     entries: torch.Tensor  # [E] token * sel_per_owner + selection head inside the owner
     num_blocks: int
+    chosen: torch.Tensor | None = None  # bool [B, T, HI]: rows with a usable choice (a key)
 
 
 def inverse_index(
@@ -829,12 +827,12 @@ def inverse_index(
     offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(torch.bincount(segment, minlength=num_segments), 0)
     if not with_positions:
-        return InverseIndex(offsets, entries, num_blocks), None
+        return InverseIndex(offsets, entries, num_blocks, valid.any(-1)), None
     positions = torch.full(valid.shape, -1, dtype=torch.int64, device=device)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=device)
     positions[valid] = rank
-    return InverseIndex(offsets, entries, num_blocks), positions
+    return InverseIndex(offsets, entries, num_blocks, valid.any(-1)), positions
 
 
 def split_work(
@@ -982,9 +980,10 @@ def combine_lse(part_lse: torch.Tensor, positions: torch.Tensor, heads: int) -> 
 
 
 BOUND_SLACK = 64.0
-"""How far (base 2) a row's best score may sit below its bound in the one-launch key-major
-forward: its largest softmax term is then at least 2^-64, far above fp32's underflow. A call
-with a row further below runs the two-launch forward instead."""
+"""How far (base 2) a row's scores may sit below its bound in the one-launch key-major
+forward: while its sum of exp2(s - bound) is at least 2^-64, a term fp32 loses to underflow
+(below 2^-126) is at most 2^-62 of the sum. A call with a row whose sum is smaller runs the
+two-launch forward instead."""
 
 
 def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -1032,14 +1031,11 @@ def attention_forward_key_major(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    def run(
-        lse: torch.Tensor, mode: int, part_lse=o_acc, l_acc=o_acc, l_dot=o_acc, top=o_acc
-    ) -> None:
+    def run(lse: torch.Tensor, mode: int, part_lse=o_acc, l_acc=o_acc, l_dot=o_acc) -> None:
         """One launch; buffers the mode does not touch default to o_acc."""
         if items.shape[0]:
             _fwd_key_major_kernel[(items.shape[0], heads_layout.kv_per_owner)](
-                q, k, v, lse, part_lse, o_acc, l_acc, l_dot, top, items, index.entries,
-                block_table,
+                q, k, v, lse, part_lse, o_acc, l_acc, l_dot, items, index.entries, block_table,
                 layout.cu_seqlens, *q.stride(), *k.stride(), *v.stride(),
                 seqlen, index.num_blocks, layout.q_offset, prob.scale * LOG2E,
                 MODE=mode, **launch,
@@ -1048,10 +1044,10 @@ def attention_forward_key_major(
     if q.dtype != torch.float16:
         bound = score_bound(q, k, prob.scale)
         l_acc, l_dot = torch.zeros(2, *rows, dtype=torch.float32, device=q.device)
-        top = torch.full(rows, float("-inf"), dtype=torch.float32, device=q.device)
-        run(bound, 2, l_acc=l_acc, l_dot=l_dot, top=top)
-        seen = top > float("-inf")  # rows with a visible key
-        if not bool((seen & (top < -BOUND_SLACK)).any()):
+        run(bound, 2, l_acc=l_acc, l_dot=l_dot)
+        # Rows that see a key; sum P >= its largest term, so a larger sum is far from underflow.
+        seen = index.chosen.repeat_interleave(heads // index.chosen.shape[2], dim=2)
+        if not bool((seen & (l_acc < 2.0**-BOUND_SLACK)).any()):
             lse = torch.where(seen, bound + torch.log2(torch.where(seen, l_acc, 1.0)), -math.inf)
             return (o_acc / torch.where(seen, l_dot, 1.0)[..., None]).to(q.dtype), lse
         o_acc.zero_()
