@@ -536,6 +536,27 @@ def test_gpu_packed_sequences():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loose", [False, True], ids=["one-launch", "two-launch"])
+def test_gpu_bf16_key_major_forward_both_ways(monkeypatch, loose):
+    """The 350m preset's global layer (16 heads with their own keys, 2 selection heads,
+    96/64) in bf16: the one-launch forward, and the two launches a huge key orthogonal to
+    every query forces (as the CPU test)."""
+    q, k, v = make_qkv(1, 4097, (16, 16, 2), (96, 64), torch.bfloat16, "cuda", seed=14)
+    indices = random_indices(1, 4097, 2, 16, 64, forced=True, device="cuda", seed=14)
+    if loose:
+        with torch.no_grad():
+            q[..., 0] = 0.0
+            k[:, 5, :, 0] = 1e4  # block 0, chosen by every query
+    combined = []
+    combine = triton_op.combine_lse
+    monkeypatch.setattr(
+        triton_op, "combine_lse", lambda *a: combined.append(1) or combine(*a)
+    )
+    assert_bf16_close(q, k, v, indices, 64)
+    assert bool(combined) == loose
+
+
+@pytest.mark.gpu
 def test_gpu_block_chosen_by_every_query():
     """Each query reads only block 0 and its own block: block 0 takes 32k queries x 16 heads."""
     seqlen, block_size = 32768, 64
