@@ -243,6 +243,17 @@ def test_key_major_choice():
     assert key_major((64, 4, 4), (128, 128), key_major=True)
 
 
+def count_two_launch_forwards(monkeypatch) -> list[int]:
+    """A list that grows by one whenever the key-major forward combines per-entry
+    log-sum-exps, which only its two-launch form does."""
+    combined = []
+    combine = triton_op.combine_lse
+    monkeypatch.setattr(
+        triton_op, "combine_lse", lambda *a: combined.append(1) or combine(*a)
+    )
+    return combined
+
+
 @pytest.mark.parametrize("loose", [False, True], ids=["one-launch", "two-launch"])
 def test_key_major_forward_with_a_tight_and_a_loose_score_bound(monkeypatch, loose):
     """The key-major forward sums each row's exp2(s - bound) in one launch when its best
@@ -255,11 +266,7 @@ def test_key_major_forward_with_a_tight_and_a_loose_score_bound(monkeypatch, loo
         with torch.no_grad():
             q[..., 0] = 0.0
             k[:, 2, :, 0] = 1e3  # block 0, chosen by every query; orthogonal to all of them
-    combined = []
-    combine = triton_op.combine_lse
-    monkeypatch.setattr(
-        triton_op, "combine_lse", lambda *a: combined.append(1) or combine(*a)
-    )
+    combined = count_two_launch_forwards(monkeypatch)
     assert_matches_reference(q, k, v, indices, 4)
     assert bool(combined) == loose
 
@@ -547,11 +554,7 @@ def test_gpu_bf16_key_major_forward_both_ways(monkeypatch, loose):
         with torch.no_grad():
             q[..., 0] = 0.0
             k[:, 5, :, 0] = 1e4  # block 0, chosen by every query
-    combined = []
-    combine = triton_op.combine_lse
-    monkeypatch.setattr(
-        triton_op, "combine_lse", lambda *a: combined.append(1) or combine(*a)
-    )
+    combined = count_two_launch_forwards(monkeypatch)
     assert_bf16_close(q, k, v, indices, 64)
     assert bool(combined) == loose
 
