@@ -19,9 +19,9 @@ Forward and dQ, key-major (units of fewer than 16 heads, whole head dims): the s
 over the same lists. The forward needs no running maximum: each row's scores are measured
 against an upper bound (Cauchy-Schwarz: ||q|| times the largest key norm of its KV head), so
 exp2(s - bound) never exceeds 1, and one launch adds each block's P V and the sum of P into
-fp32 buffers with relaxed atomics, divided out after. Where a row's best score sits so far
-below its bound that its terms would near fp32 underflow (BOUND_SLACK), the call takes two
-launches instead: the log-sum-exp of each (query, head) row over one block's keys, combined
+fp32 buffers with relaxed atomics, divided out after. Where a row's sum of exp2(s - bound)
+is so small that its terms near fp32 underflow (BOUND_SLACK), the call takes two launches
+instead: the log-sum-exp of each (query, head) row over one block's keys, combined
 per row with torch ops, then P V with the normalised P. dQ adds dS K the same way inside the
 dK/dV program. A query gets one add per block it chose, so there is little contention, and
 each chosen block is read once per list step instead of once per query.
@@ -989,12 +989,11 @@ two-launch forward instead."""
 def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """An upper bound of every base-2 score of each row, [B, T, HQ] fp32 (Cauchy-Schwarz):
     |scale| log2(e) ||q_row|| max_j ||k_j|| over the row's KV head."""
-    batch, _, heads, _ = q.shape
     q_norm = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)  # [B, T, HQ]
     if k.shape[1] == 0:
         return torch.zeros_like(q_norm)
     k_max = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax(dim=1)  # [B, HK]
-    k_max = k_max.repeat_interleave(heads // k.shape[2], dim=1)  # [B, HQ]
+    k_max = k_max.repeat_interleave(q.shape[2] // k.shape[2], dim=1)  # [B, HQ]
     return q_norm * k_max[:, None, :] * (abs(scale) * LOG2E)
 
 
@@ -1009,9 +1008,9 @@ def attention_forward_key_major(
     """Key-major forward, same results as `attention_forward`.
 
     One launch: each row's terms exp2(s - bound) (`score_bound`) and their P V are summed
-    over its chosen blocks with atomics, then divided out. When some row's best score sits
-    more than BOUND_SLACK below its bound (or in fp16, whose P would lose bits), two: the
-    per-entry log-sum-exps, their combination per row, then the normalised P V."""
+    over its chosen blocks with atomics, then divided out. When some row's sum of terms is
+    under 2^-BOUND_SLACK (or in fp16, whose P would lose bits), two: the per-entry
+    log-sum-exps, their combination per row, then the normalised P V."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     layout, heads_layout, cfg = prob.layout, prob.heads, prob.cfg
