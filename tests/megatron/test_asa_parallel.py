@@ -54,6 +54,13 @@ def tp2_dense_and_nsa_layers(rank, world_size):
     )
 
 
+def tp2_pp2_layers_of_one_kind(rank, world_size):
+    """Every layer global: Megatron stacks the layers' weights along a prepended layer axis in
+    the sharded state dict, which the layouts split over TP and PP ranks."""
+    compare_with_one_rank({"attention_pattern": "G"}, tp=2)
+    compare_with_one_rank({"attention_pattern": "G"}, pp=2)
+
+
 def pp2_matches_one_stage(rank, world_size):
     compare_with_one_rank({"attention_pattern": "LGDN", "num_query_groups": 2}, pp=2)
 
@@ -136,6 +143,7 @@ CHECKS = [
     tp2_sequence_parallel,
     tp2_replicates_a_single_latent_head,
     tp2_dense_and_nsa_layers,
+    tp2_pp2_layers_of_one_kind,
     pp2_matches_one_stage,
     one_layer_spec_builds_every_kind,
     optimizer_steps_match_one_rank,

@@ -249,6 +249,13 @@ def _grad(param: torch.Tensor) -> torch.Tensor:
     return param.grad if grad is None else grad
 
 
+def _region(sharded: ShardedTensor) -> tuple[slice, ...]:
+    """Where a shard sits in its full tensor; the axes Megatron prepends (the layer axis of
+    stacked layers) hold one index each."""
+    shape = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
+    return tuple(slice(o, o + n) for o, n in zip(sharded.global_offset, shape, strict=True))
+
+
 def full_tensors(
     chunks: list[torch.nn.Module], of: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -261,13 +268,13 @@ def full_tensors(
     for sharded in _sharded_tensors(chunks):
         value = sharded.data if of is None else of(sharded.data)
         local = value.detach().float().reshape(sharded.local_shape).clone()
-        mine.append((sharded.key, sharded.global_shape, sharded.global_offset, local))
+        mine.append((sharded.key, sharded.global_shape, _region(sharded), local))
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     full: dict[str, torch.Tensor] = {}
-    for key, shape, offset, local in (entry for rank in gathered for entry in rank):
+    for key, shape, region, local in (entry for rank in gathered for entry in rank):
         tensor = full.setdefault(key, torch.full(shape, float("nan")))
-        region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+        local = local.reshape(tensor[region].shape)
         if not torch.isnan(tensor[region]).all():
             torch.testing.assert_close(
                 tensor[region], local, msg=lambda m, key=key: f"replicas of {key} differ: {m}"
@@ -284,11 +291,7 @@ def load_full(chunks: list[torch.nn.Module], full: dict[str, torch.Tensor]) -> N
     """Copy this rank's shards out of full tensors (as `full_tensors` returns them)."""
     with torch.no_grad():
         for sharded in _sharded_tensors(chunks):
-            region = tuple(
-                slice(o, o + n)
-                for o, n in zip(sharded.global_offset, sharded.local_shape, strict=True)
-            )
-            sharded.data.copy_(full[sharded.key][region].reshape(sharded.data.shape))
+            sharded.data.copy_(full[sharded.key][_region(sharded)].reshape(sharded.data.shape))
 
 
 def assert_close_dicts(actual: dict, expected: dict, atol: float, rtol: float = 1e-4) -> None:
