@@ -267,14 +267,14 @@ def full_tensors(
     mine = []
     for sharded in _sharded_tensors(chunks):
         value = sharded.data if of is None else of(sharded.data)
-        local = value.detach().float().reshape(sharded.local_shape).clone()
-        mine.append((sharded.key, sharded.global_shape, _region(sharded), local))
+        region = _region(sharded)
+        local = value.detach().float().reshape([r.stop - r.start for r in region]).clone()
+        mine.append((sharded.key, sharded.global_shape, region, local))
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     full: dict[str, torch.Tensor] = {}
     for key, shape, region, local in (entry for rank in gathered for entry in rank):
         tensor = full.setdefault(key, torch.full(shape, float("nan")))
-        local = local.reshape(tensor[region].shape)
         if not torch.isnan(tensor[region]).all():
             torch.testing.assert_close(
                 tensor[region], local, msg=lambda m, key=key: f"replicas of {key} differ: {m}"
