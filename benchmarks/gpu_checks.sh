@@ -18,7 +18,7 @@ if [ -d .whl ] && [ ! -d "$site/megatron" ]; then
     --target "$site" .whl/*.whl || exit 1
 fi
 mkdir -p "$site"
-ln -sfn "$PWD/kernels" "$site/nsa_kernels"
+ln -sfn "$PWD/nsa_kernels" "$site/nsa_kernels"
 ln -sfn "$PWD/megatron_nsa" "$site/megatron_nsa"
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
