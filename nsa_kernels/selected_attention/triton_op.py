@@ -399,6 +399,8 @@ def _fwd_key_major_kernel(
     with the rows' combined lse, the normalised P V added into o_acc."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
+    if seg < 0:  # padding (see `split_work`)
+        return
     lo = tl.load(item + 1)
     end = tl.load(item + 2)
     kv_sub = tl.program_id(1)
@@ -595,6 +597,8 @@ def _dkv_kernel(
     the fp32 [B, T, HQ, DK] buffer `dq_acc`."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
+    if seg < 0:  # padding (see `split_work`)
+        return
     lo = tl.load(item + 1)
     end = tl.load(item + 2)
     slot = tl.load(item + 3)
@@ -717,6 +721,8 @@ def _dkv_reduce_kernel(
     """dK/dV of a key block whose query list was split: (segment, first slot, end slot)."""
     split = splits + 3 * tl.program_id(0).to(tl.int64)
     seg = tl.load(split)
+    if seg < 0:  # padding (see `split_work`)
+        return
     slot_lo = tl.load(split + 1)
     slot_hi = tl.load(split + 2)
     kv_sub = tl.program_id(1)
@@ -809,56 +815,76 @@ def inverse_index(
     blocks numbered globally over the packed documents. Also returns positions int64
     [B, T, HI, n], the entry of each choice (-1 if not usable), when asked: the two-launch
     key-major forward combines per-entry results with them.
+
+    No host synchronisation: `entries` keeps one slot per choice, B * T * HI * n, the
+    unusable ones sorted after `offsets[-1]`, where no list reaches them.
     """
     batch, seqlen, sel_heads, _ = block_indices.shape
     device = block_indices.device
     idx, valid, first_block, num_blocks = usable_indices(block_indices, block_size, layout)
     spo = heads.sel_per_owner
+    num_segments = batch * heads.owners * num_blocks
     sel = torch.arange(sel_heads, device=device)
     owner = (torch.arange(batch, device=device)[:, None] * heads.owners + sel // spo)
     segment = (owner[:, None, :, None] * num_blocks + first_block[None, :, None, None] + idx)
+    segment = torch.where(valid, segment, num_segments).flatten()  # unusable: after the rest
     entry = torch.arange(seqlen, device=device)[:, None] * spo + sel % spo  # [T, HI]
-    segment = segment[valid]
-    entry = entry[None, :, :, None].expand_as(valid)[valid]
     segment, order = torch.sort(segment, stable=True)
     entry_dtype = torch.int32 if seqlen * spo < 2**31 else torch.int64
-    entries = entry[order].to(entry_dtype)
-    num_segments = batch * heads.owners * num_blocks
-    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(torch.bincount(segment, minlength=num_segments), 0)
+    entries = entry[None, :, :, None].expand_as(valid).flatten()[order].to(entry_dtype)
+    bounds = torch.arange(num_segments + 1, device=device)
+    offsets = torch.searchsorted(segment, bounds)  # entries of segments before each one
+    index = InverseIndex(offsets, entries, num_blocks, valid.any(-1))
     if not with_positions:
-        return InverseIndex(offsets, entries, num_blocks, valid.any(-1)), None
-    positions = torch.full(valid.shape, -1, dtype=torch.int64, device=device)
+        return index, None
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=device)
-    positions[valid] = rank
-    return InverseIndex(offsets, entries, num_blocks, valid.any(-1)), positions
+    return index, torch.where(valid, rank.view(valid.shape), -1)
 
 
 def split_work(
-    offsets: torch.Tensor, chunk: int
+    offsets: torch.Tensor, chunk: int, total: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Cut every segment's list into pieces of at most `chunk` entries (one piece, possibly
-    empty, for short lists). Returns items int64 [I, 4] (segment, first entry, end, partial
-    slot or -1 when the piece is the whole list), splits int64 [S, 3] (segment, first slot,
-    end slot) for the segments cut in several pieces, and the number of slots."""
+    empty, for short lists), `total` being at least the number of entries. Returns items
+    int64 [I, 4] (segment, first entry, end, partial slot or -1 when the piece is the whole
+    list), splits int64 [S, 3] (segment, first slot, end slot) for the segments cut in
+    several pieces, and the number of slots.
+
+    Without a host synchronisation, so the sizes are bounds that hold for any lists of
+    `total` entries; the items and splits past the real ones have segment -1, which the
+    kernels skip."""
     device = offsets.device
     counts = offsets[1:] - offsets[:-1]
+    segments = counts.numel()
     pieces = torch.clamp(torch.div(counts + chunk - 1, chunk, rounding_mode="floor"), min=1)
-    num_items = int(pieces.sum())
-    seg = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=device), pieces, output_size=num_items
-    )
-    first_item = torch.cumsum(pieces, 0) - pieces
-    lo = offsets[seg] + (torch.arange(num_items, device=device) - first_item[seg]) * chunk
+    # A segment of c entries takes at most c / chunk + 1 items, and one that is cut (c > chunk)
+    # at most 2 c / chunk slots.
+    num_items, num_slots = segments + total // chunk, 2 * total // chunk
+    num_splits = min(segments, total // (chunk + 1))
+    last_item = torch.cumsum(pieces, 0)  # one past each segment's last item
+    first_item = last_item - pieces
+    item = torch.arange(num_items, device=device)
+    seg = torch.searchsorted(last_item, item, right=True)  # segments (past the end: padding)
+    real = seg < segments
+    seg = seg.clamp(max=segments - 1)
+    lo = offsets[seg] + (item - first_item[seg]) * chunk
     end = torch.minimum(lo + chunk, offsets[seg + 1])
-    is_part = pieces[seg] > 1
-    slot = torch.cumsum(is_part.long(), 0) - 1
-    items = torch.stack([seg, lo, end, torch.where(is_part, slot, -1)], 1).contiguous()
-    cut = torch.nonzero(pieces > 1).flatten()
-    slot_lo = slot[first_item[cut]]
-    splits = torch.stack([cut, slot_lo, slot_lo + pieces[cut]], 1).contiguous()
-    return items, splits, int(is_part.sum())
+    is_part = real & (pieces[seg] > 1)
+    slot = torch.cumsum(is_part, 0) - 1
+    items = torch.stack(
+        [torch.where(real, seg, -1), lo, end, torch.where(is_part, slot, -1)], 1
+    ).contiguous()
+    is_cut = pieces > 1
+    cut_rank = torch.where(is_cut, torch.cumsum(is_cut, 0) - 1, num_splits)  # dump slot
+    splits = torch.full((num_splits + 1, 3), -1, dtype=torch.int64, device=device)
+    segment_ids = torch.arange(segments, device=device)
+    slot_lo = slot[first_item]
+    splits.index_put_(
+        (cut_rank,), torch.stack([segment_ids, slot_lo, slot_lo + pieces], 1), accumulate=False
+    )
+    splits = splits[:num_splits].contiguous()
+    return items, splits, max(num_slots, 1)
 
 
 def dkv_chunk(cfg: TileConfig, entries: int, programs_per_item: int, device: torch.device) -> int:
@@ -886,8 +912,9 @@ class KeyBlockWork:
     def build(
         index: InverseIndex, cfg: TileConfig, programs_per_item: int, device: torch.device
     ) -> KeyBlockWork:
-        chunk = dkv_chunk(cfg, index.entries.numel(), programs_per_item, device)
-        return KeyBlockWork(index, *split_work(index.offsets, chunk))
+        total = index.entries.numel()
+        chunk = dkv_chunk(cfg, total, programs_per_item, device)
+        return KeyBlockWork(index, *split_work(index.offsets, chunk, total))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ only the selected blocks, so it also runs at 65k tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -396,9 +397,43 @@ def test_inverse_index_lists_every_choice_once():
     offsets, entries, num_blocks = index.offsets, index.entries, index.num_blocks
     assert num_blocks == 3
     assert offsets.tolist() == [0, 4, 6, 6]
-    assert entries.tolist() == [0, 1, 2, 4, 2, 3]
+    assert entries.numel() == 10  # a slot per choice: the unusable ones after offsets[-1]
+    assert entries[:6].tolist() == [0, 1, 2, 4, 2, 3]
     # Each row's choices in ascending order (-1 first), pointing at their entries.
     assert positions[0, :, 0].tolist() == [[-1, 0], [1, -1], [2, 4], [-1, 5], [3, -1]]
+
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 100])
+def test_split_work_cuts_each_list_and_pads_the_rest(chunk):
+    """Every segment's list [offsets[s], offsets[s+1]) is covered once by its items, in
+    pieces of at most `chunk`; a list of several pieces has its own consecutive slots and a
+    split row; the rows past the real ones are padding (segment -1), and the sizes are
+    bounds that need no look at the lists."""
+    counts = [0, 4, 1, 0, 7, 2, 5]
+    offsets = torch.tensor([0, *itertools.accumulate(counts)])
+    total = int(offsets[-1]) + 3  # three unusable choices after the lists
+    items, splits, num_slots = triton_op.split_work(offsets, chunk, total)
+    real = items[items[:, 0] >= 0]
+    assert (items[len(real):, 0] == -1).all()  # padding only after the real items
+    assert (splits[(splits[:, 0] >= 0).sum():, 0] == -1).all()
+    got_splits = {}
+    for s in range(len(counts)):
+        pieces = real[real[:, 0] == s]
+        starts = list(range(int(offsets[s]), int(offsets[s + 1]), chunk)) or [int(offsets[s])]
+        assert pieces[:, 1].tolist() == starts
+        assert pieces[:, 2].tolist() == [min(a + chunk, int(offsets[s + 1])) for a in starts]
+        if len(starts) == 1:
+            assert pieces[:, 3].tolist() == [-1]
+        else:
+            slots = pieces[:, 3].tolist()
+            assert slots == list(range(slots[0], slots[0] + len(starts)))
+            assert max(slots) < num_slots
+            got_splits[s] = (slots[0], slots[0] + len(starts))
+    rows = {int(r[0]): (int(r[1]), int(r[2])) for r in splits if r[0] >= 0}
+    assert rows == got_splits
+    slots = real[:, 3][real[:, 3] >= 0]
+    assert sorted(slots.tolist()) == list(range(len(slots)))  # each slot used once
 
 
 # --- GPU: bf16 kernels against an fp32 reference that gathers the selected blocks ----------
