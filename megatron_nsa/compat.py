@@ -55,3 +55,48 @@ def get_batch_on_this_cp_rank(
     if "is_hybrid_cp" in inspect.signature(utils.get_batch_on_this_cp_rank).parameters:
         kwargs["is_hybrid_cp"] = False
     return utils.get_batch_on_this_cp_rank(batch, **kwargs)
+
+
+def _foreach_l2_norm(
+    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]],
+    per_tensor: bool, *args,
+) -> tuple[torch.Tensor, None]:
+    """amp_C.multi_tensor_l2norm's contract: the L2 norm of all tensors, fp32 [1], on the
+    device."""
+    norms = torch._foreach_norm(tensor_lists[0], 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def _foreach_scale(
+    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]],
+    scale: float,
+) -> None:
+    """amp_C.multi_tensor_scale's contract: dst = src * scale, list by list."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst, strict=True)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def use_foreach_multi_tensor_ops() -> bool:
+    """Give megatron-core's optimizer foreach versions of the multi-tensor ops that apex and
+    Transformer Engine provide, when neither is installed; returns whether it did.
+
+    Without them megatron-core falls back to per-tensor loops, and its gradient-norm
+    fallback reads each parameter's norm back to the host: one device synchronisation per
+    parameter, 40 ms of an H200 idling per step for the ~350M preset. The foreach versions
+    compute the same values (the norm in fp32) without synchronising.
+    """
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    if getattr(clip_grads, "l2_norm_impl", None) is not utils.local_multi_tensor_l2_norm:
+        return False
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+    clip_grads.multi_tensor_scale_impl = _foreach_scale
+    if getattr(mcore_optimizer, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
+        mcore_optimizer.multi_tensor_scale_impl = _foreach_scale
+    return True
