@@ -45,6 +45,16 @@ def rope_cat(
 
 
 @Fusible
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[x_nope ; RoPE(x_rope)] of x = [x_nope ; x_rope] [s, b, H, d + d_R], d_R = cos's last
+    dim (the query). Split inside, so that fused the backward writes x's gradient in one
+    kernel instead of concatenating the two halves' gradients."""
+    d_r = cos.shape[-1]
+    nope, rope = x.split([x.shape[-1] - d_r, d_r], dim=-1)
+    return torch.cat((nope, Rotary.rotate(rope, cos, sin)), dim=-1)
+
+
+@Fusible
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on the first d_R channels of x [s, b, H, d] (`Rotary.rotate`)."""
     return Rotary.rotate(x, cos, sin)

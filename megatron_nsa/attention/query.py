@@ -12,7 +12,7 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from .base import ASASelfAttention, ASASelfAttentionSubmodules
-from .fusion import rope_cat
+from .fusion import rope_tail
 from .rope import Rotary, default_softmax_scale
 
 
@@ -87,5 +87,4 @@ class LatentQueryMixin:
             q_latent, _ = self.linear_q_down_proj(hidden_states)
             q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))
         q = q.view(*q.shape[:2], self.heads.local_heads, self.q_head_dim)
-        q_nope, q_rope = q.split([self.config.qk_head_dim, self.config.qk_pos_emb_head_dim], -1)
-        return rope_cat(q_nope, q_rope, cos, sin, fuse=self.config.fuse_elementwise)
+        return rope_tail(q, cos, sin, fuse=self.config.fuse_elementwise)

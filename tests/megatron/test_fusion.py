@@ -41,6 +41,8 @@ def inputs(fn_name: str, dtype=torch.float32, device="cpu") -> tuple:
         return rand(s, b, heads, d), rand(s, b, 1, d_r), cos, sin
     if fn_name == "rotate":
         return rand(s, b, heads, d_r + 2), cos, sin
+    if fn_name == "rope_tail":
+        return rand(s, b, heads, d + d_r), cos, sin
     if fn_name == "group_cat":
         return rand(b, s, heads, d), rand(b, s, 3, d_r)
     if fn_name == "rms_norm":
@@ -48,7 +50,7 @@ def inputs(fn_name: str, dtype=torch.float32, device="cpu") -> tuple:
     return torch.sigmoid(rand(b, s, heads, 2)), rand(b, s, heads, d), rand(b, s, heads, d)
 
 
-FUNCTIONS = ("rope_cat", "rotate", "group_cat", "rms_norm", "gated_sum")
+FUNCTIONS = ("rope_cat", "rope_tail", "rotate", "group_cat", "rms_norm", "gated_sum")
 
 
 def test_rope_cat_rotates_the_shared_part_for_every_head():
@@ -58,6 +60,14 @@ def test_rope_cat_rotates_the_shared_part_for_every_head():
     torch.testing.assert_close(out[..., : nope.shape[-1]], nope, rtol=0, atol=0)
     expected = rotate_complex(rope, cos, sin).expand(*nope.shape[:-1], -1)
     torch.testing.assert_close(out[..., nope.shape[-1]:], expected)
+
+
+def test_rope_tail_rotates_the_last_channels_of_every_head():
+    x, cos, sin = inputs("rope_tail")
+    d_r = cos.shape[-1]
+    out = fusion.rope_tail(x, cos, sin)
+    torch.testing.assert_close(out[..., :-d_r], x[..., :-d_r], rtol=0, atol=0)
+    torch.testing.assert_close(out[..., -d_r:], rotate_complex(x[..., -d_r:], cos, sin))
 
 
 def test_rotate_leaves_channels_past_the_rope_dim():
