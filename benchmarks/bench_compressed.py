@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from common import compulsory_bytes, roofline, timed
+
 from nsa_kernels import compressed_attention, num_compressed_blocks, select_blocks
 from nsa_kernels.flops import attention_flops, compressed_pairs
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from common import fwd_and_fwd_bwd, sdpa_causal, timed
+
 from nsa_kernels import (
     compress_mean,
     compressed_attention,

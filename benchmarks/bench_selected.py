@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from common import compulsory_bytes, roofline, timed
+
 from nsa_kernels import selected_attention
 from nsa_kernels.flops import attention_flops, causal_pairs
 

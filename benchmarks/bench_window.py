@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from common import compulsory_bytes, fwd_and_fwd_bwd, roofline, sdpa_causal, timed
+
 from nsa_kernels import sliding_window_attention
 from nsa_kernels.flops import attention_flops, causal_pairs, window_pairs
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 from common import fwd_and_fwd_bwd, timed
+
 from nsa_kernels import compress_mean, select_blocks
 from nsa_kernels.compressed_attention import triton_op as cmp_op
 from nsa_kernels.selected_attention import triton_op as slc_op

@@ -47,7 +47,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_batch_on_this_cp_rank
-from nsa_kernels import flops
 
 from megatron_nsa import ASATransformerConfig, get_asa_decoder_block_spec
 from megatron_nsa.checkpoint import ASA_CONFIG_FILE, RECORD_FORMAT, TOKENIZER_DIR, config_record
@@ -60,6 +59,7 @@ from megatron_nsa.data import (
     open_corpus,
     prepare_dataset,
 )
+from nsa_kernels import flops
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MOCK_VOCAB_SIZE = 8192

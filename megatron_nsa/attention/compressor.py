@@ -7,10 +7,11 @@ Both take [b, t, heads, dim] tokens (heads of this TP rank) and return [b, n, he
 
 from __future__ import annotations
 
-import nsa_kernels
 import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+import nsa_kernels
 
 from ..parallel import HeadPartition, init_partitioned_, mark_partitioned, param_device
 from .linear import partitioned_state_dict

@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import nsa_kernels
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+import nsa_kernels
 
 from ..config import ASATransformerConfig
 from ..context_parallel import (

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import nsa_kernels
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -29,6 +28,8 @@ from megatron.core.tensor_parallel import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+import nsa_kernels
 
 from ..config import ASATransformerConfig
 from ..context_parallel import (

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import nsa_kernels
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+import nsa_kernels
 
 from ..config import ASATransformerConfig
 from ..context_parallel import QueryPiece, run_pieces

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import torch
+
 from nsa_kernels import num_compressed_blocks
 
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
+
 from nsa_kernels import compressed_attention, compressed_cu_seqlens, num_compressed_blocks
 from nsa_kernels.compressed_attention import reference, triton_op
 from nsa_kernels.utils import masked_attention, softmax_scale
-from torch.utils.checkpoint import checkpoint
 
 HEADS = [(4, 1), (4, 4), (2, 2)]  # (HQ, HK)
 DIMS = [(16, 8), (24, 16)]  # (DK, DV)

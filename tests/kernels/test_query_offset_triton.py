@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nsa_kernels import (
     compressed_attention,
     nsa_attention,

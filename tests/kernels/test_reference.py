@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
-import nsa_kernels
 import pytest
 import torch
 import torch.nn.functional as F
+
+import nsa_kernels
 from nsa_kernels import reference as ref
 
 

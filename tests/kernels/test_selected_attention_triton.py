@@ -16,11 +16,12 @@ import itertools
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
+
 from nsa_kernels import nsa_attention, num_compressed_blocks, selected_attention
 from nsa_kernels import reference as ref_ops
 from nsa_kernels.selected_attention import reference, triton_op
 from nsa_kernels.utils import compressed_cu_seqlens, masked_softmax, softmax_scale
-from torch.utils.checkpoint import checkpoint
 
 GROUPS = [1, 2, 4, 8, 16, 32]  # G = HQ / HI
 

@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+
 from nsa_kernels import (
     compressed_attention,
     compressed_cu_seqlens,

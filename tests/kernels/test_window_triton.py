@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nsa_kernels import sliding_window_attention
 from nsa_kernels.utils import masked_attention, softmax_scale
 from nsa_kernels.window import reference, triton_op

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nsa_kernels import compressed_cu_seqlens, num_compressed_blocks
 
 from megatron_nsa.context_parallel import ContextParallelLayout, QueryPiece, run_pieces
+from nsa_kernels import compressed_cu_seqlens, num_compressed_blocks
 
 # (P, document lengths, block size, stride): single sequences and packed documents, chunks
 # longer and shorter than a block (P = 8: chunks of 6 with blocks of 8), strides that do and
