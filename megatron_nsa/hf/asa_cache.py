@@ -1,8 +1,9 @@
 """The latent KV cache of the ASA Hugging Face model (part of the exported code).
 
-`ASACache` is what `generate` passes around as `past_key_values`: one `LayerCache` per
-layer holding latents for L and G layers (not per-head keys and values), keys and values for
-D and N layers, per-row lengths, and `Tokens`, which says where the tokens of one forward sit.
+`ASACache` is what `generate` passes around as `cache` (`past_key_values` before
+transformers 5.25): one `LayerCache` per layer holding latents for L and G layers (not
+per-head keys and values), keys and values for D and N layers, per-row lengths, and `Tokens`,
+which says where the tokens of one forward sit.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class LayerCache:
 
 
 class ASACache:
-    """Latent KV cache of an ASA model for `generate` (passed as `past_key_values`).
+    """Latent KV cache of an ASA model for `generate` (passed as `cache`, or `past_key_values`).
 
     `lengths` [B]: real tokens cached per row; `columns`: input columns seen (padding
     included), which is what transformers calls the sequence length of a cache.

@@ -57,6 +57,23 @@ class ASADecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# ----------------------------------------------------------------------------- cache names
+
+CACHE_FIELD = (
+    "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
+"""What the installed transformers calls the cache in model outputs: `cache` from 5.25 on,
+`past_key_values` before (generate reads it back from there)."""
+
+
+def given_cache(cache: object, past_key_values: object) -> object:
+    """The cache a forward was given: generate passes it as `cache` from transformers 5.25
+    on and as `past_key_values` before; callers may use either name, not both."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -117,6 +134,7 @@ class ASAModel(ASAPreTrainedModel):
         past_key_values: ASACache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        cache: ASACache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, h]); attention_mask [B, past + T] with
@@ -132,7 +150,7 @@ class ASAModel(ASAPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = self._cache(past_key_values, use_cache)
+        cache = self._cache(given_cache(cache, past_key_values), use_cache)
         tokens, order = self._tokens(attention_mask, cache, batch, length, x.device)
         if tokens.prefill:
             x = x.gather(1, order[:, :, None].expand_as(x))
@@ -145,17 +163,18 @@ class ASAModel(ASAPreTrainedModel):
             x = torch.empty_like(x).scatter_(1, order[:, :, None].expand_as(x), x)
         if cache is not None:
             cache.lengths, cache.columns = tokens.after, cache.columns + length
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache})
 
-    def _cache(self, past_key_values: object, use_cache: bool) -> ASACache | None:
+    def _cache(self, given: object, use_cache: bool) -> ASACache | None:
         """The cache to fill: the one given, or a new one when caching."""
-        if isinstance(past_key_values, ASACache):
-            return past_key_values
-        if past_key_values is not None:
+        if isinstance(given, ASACache):
+            return given
+        if given is not None:
             # An empty transformers Cache (from generate's defaults) is replaced by ours.
-            if getattr(past_key_values, "get_seq_length", lambda: 1)() != 0:
+            if getattr(given, "get_seq_length", lambda: 1)() != 0:
                 raise TypeError(
-                    f"past_key_values must be an ASACache, got {type(past_key_values).__name__}"
+                    f"the cache (cache / past_key_values) must be an ASACache, got "
+                    f"{type(given).__name__}"
                 )
         return ASACache(self.config) if use_cache else None
 
@@ -232,6 +251,7 @@ class ASAForCausalLM(ASAPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cache: ASACache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [B, T (or logits_to_keep), vocab]; with labels [B, T], the mean next-token
@@ -239,7 +259,7 @@ class ASAForCausalLM(ASAPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=given_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -254,5 +274,5 @@ class ASAForCausalLM(ASAPreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values
+            loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
         )

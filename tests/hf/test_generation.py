@@ -89,6 +89,22 @@ def test_cached_decoding_of_every_option(variant):
 
 
 @torch.no_grad()
+def test_cache_under_either_name(exported_models, tokens):
+    """generate passes the cache as `cache` from transformers 5.25 on and as
+    `past_key_values` before: both names feed the same cache, giving both at once is refused."""
+    model = exported_models["tp2"]
+    full = model(tokens, use_cache=False).logits
+    for name in ("cache", "past_key_values"):
+        first = model(tokens[:, :20])
+        cache = first.past_key_values
+        rest = model(tokens[:, 20:], **{name: cache})
+        assert rest.past_key_values is cache
+        assert_same_logits(torch.cat([first.logits, rest.logits], dim=1), full)
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens[:, 20:], cache=cache, past_key_values=cache)
+
+
+@torch.no_grad()
 def test_cache_keeps_latents(exported_models, tokens):
     """L: a ring of w latent tokens; G: every latent token and the compressed ones (the
     pending tokens of the unfinished block are the newest latents); D/N: keys and values."""
