@@ -84,6 +84,12 @@ class Report:
     syncs: dict[str, list[float]]
 
 
+def tally(table: dict[str, list[float]], key: str, microseconds: float) -> None:
+    entry = table[key]
+    entry[0] += microseconds
+    entry[1] += 1
+
+
 def analyse(events: list[dict], min_gap_us: float = 5.0, depth: int = 3) -> Report:
     events = [e for e in events if e.get("ph") == "X"]
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
@@ -109,9 +115,7 @@ def analyse(events: list[dict], min_gap_us: float = 5.0, depth: int = 3) -> Repo
     for e in gpu:
         start, stop = e["ts"], e["ts"] + e.get("dur", 0)
         if start - end >= min_gap_us:
-            entry = report.gaps[key_of(launched_by(e), depth)]
-            entry[0] += start - end
-            entry[1] += 1
+            tally(report.gaps, key_of(launched_by(e), depth), start - end)
         report.busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     report.span = end - gpu[0]["ts"]
@@ -119,14 +123,11 @@ def analyse(events: list[dict], min_gap_us: float = 5.0, depth: int = 3) -> Repo
     for e in events:
         if e.get("cat") == "cuda_runtime" and e["name"] in SYNC_CALLS:
             ops = host.get((e["pid"], e["tid"]))
-            entry = report.syncs[f"{e['name']}: {key_of(ops.chain(e['ts']) if ops else [], depth)}"]
-            entry[0] += e.get("dur", 0)
-            entry[1] += 1
+            chain = ops.chain(e["ts"]) if ops else []
+            tally(report.syncs, f"{e['name']}: {key_of(chain, depth)}", e.get("dur", 0))
     for e in gpu:
         if e.get("cat") == "gpu_memcpy" and "DtoH" in e["name"]:
-            entry = report.syncs[f"copy to host: {key_of(launched_by(e), depth)}"]
-            entry[0] += e.get("dur", 0)
-            entry[1] += 1
+            tally(report.syncs, f"copy to host: {key_of(launched_by(e), depth)}", e.get("dur", 0))
     return report
 
 

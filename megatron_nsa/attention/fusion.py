@@ -51,7 +51,7 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     kernel instead of concatenating the two halves' gradients."""
     d_r = cos.shape[-1]
     nope, rope = x.split([x.shape[-1] - d_r, d_r], dim=-1)
-    return torch.cat((nope, Rotary.rotate(rope, cos, sin)), dim=-1)
+    return rope_cat.fn(nope, rope, cos, sin)
 
 
 @Fusible

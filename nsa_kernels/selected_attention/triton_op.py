@@ -849,7 +849,7 @@ def split_work(
     empty, for short lists), `total` being at least the number of entries. Returns items
     int64 [I, 4] (segment, first entry, end, partial slot or -1 when the piece is the whole
     list), splits int64 [S, 3] (segment, first slot, end slot) for the segments cut in
-    several pieces, and the number of slots.
+    several pieces, and a bound on the number of slots.
 
     Without a host synchronisation, so the sizes are bounds that hold for any lists of
     `total` entries; the items and splits past the real ones have segment -1, which the
@@ -884,7 +884,7 @@ def split_work(
         (cut_rank,), torch.stack([segment_ids, slot_lo, slot_lo + pieces], 1), accumulate=False
     )
     splits = splits[:num_splits].contiguous()
-    return items, splits, max(num_slots, 1)
+    return items, splits, num_slots
 
 
 def dkv_chunk(cfg: TileConfig, entries: int, programs_per_item: int, device: torch.device) -> int:

@@ -404,7 +404,6 @@ def test_inverse_index_lists_every_choice_once():
     assert positions[0, :, 0].tolist() == [[-1, 0], [1, -1], [2, 4], [-1, 5], [3, -1]]
 
 
-
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 100])
 def test_split_work_cuts_each_list_and_pads_the_rest(chunk):
     """Every segment's list [offsets[s], offsets[s+1]) is covered once by its items, in
