@@ -78,9 +78,10 @@ class ASATransformerConfig(MLATransformerConfig):
     "reference"."""
 
     fuse_elementwise: bool = False
-    """Run the attention layers' elementwise glue (RoPE with the concatenation of RoPE and
-    non-RoPE halves, the latent RMSNorm, the gated sum of branches) as torch.compile'd
-    kernels on CUDA, as Megatron's bias / activation fusions do; no effect on CPU."""
+    """Run the elementwise glue of the layers (RoPE with the concatenation of RoPE and
+    non-RoPE halves, the norms of `megatron_nsa.norm` with their fp32 casts, the gated sum of
+    branches) as torch.compile'd kernels on CUDA, as Megatron's bias / activation fusions do;
+    no effect on CPU."""
 
     rope_type: str = "rope"
     """Plain RoPE unless YaRN is asked for (Megatron's MLA default is DeepSeek-V3's YaRN)."""

@@ -1,37 +1,19 @@
 """The elementwise glue of the attention layers, fused on the GPU.
 
-RoPE on a head's last d_R channels, the concatenation of RoPE and non-RoPE halves, the latent
-heads' RMSNorm and the gated sum of the global layer's branches are chains of small
-elementwise ops over [s, b, heads, dim] tensors, each op reading and writing the whole tensor
-(at 64k tokens they took ~10% of a training step). With `config.fuse_elementwise` and CUDA
-tensors each function below runs compiled by `torch.compile`, one kernel per direction, as
-Megatron's `jit_fuser` does for bias + GeLU; otherwise, and on CPU, it runs as written.
+RoPE on a head's last d_R channels, the concatenation of RoPE and non-RoPE halves and the
+gated sum of the global layer's branches are chains of small elementwise ops over
+[s, b, heads, dim] tensors, each op reading and writing the whole tensor (at 64k tokens they
+took ~10% of a training step). With `config.fuse_elementwise` and CUDA tensors each function
+below runs compiled (`megatron_nsa.fusible.Fusible`); otherwise, and on CPU, as written. The
+norms, the latent heads' included, are in `megatron_nsa.norm`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from ..fusible import Fusible
 from .rope import Rotary
-
-
-class Fusible:
-    """A function of tensors that runs compiled when asked to fuse and its first argument is
-    on CUDA. Compiled once, lazily; shapes that change are then traced dynamically."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
-        self.fn = fn
-        self.compiled: Callable[..., torch.Tensor] | None = None
-        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
-
-    def __call__(self, *args: torch.Tensor, fuse: bool = False) -> torch.Tensor:
-        if not (fuse and args[0].is_cuda):
-            return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, fullgraph=True)
-        return self.compiled(*args)
 
 
 @Fusible
@@ -68,14 +50,6 @@ def group_cat(nope: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     nope = nope.unflatten(2, (groups, -1))  # [b, n, h_c, H / h_c, d]
     shared = shared.unsqueeze(3).expand(*nope.shape[:-1], -1)
     return torch.cat((nope, shared), dim=-1).flatten(2, 3)
-
-
-@Fusible
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim, in fp32, returned in x's dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * weight.float()).to(x.dtype)
 
 
 @Fusible

@@ -41,6 +41,7 @@ from ..context_parallel import (
     start_gather,
     start_halos,
 )
+from ..norm import rms_norm
 from ..parallel import (
     HeadPartition,
     gather_from_replicas,
@@ -49,7 +50,7 @@ from ..parallel import (
     replicate_over_tp,
 )
 from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens, tp_partition
-from .fusion import gated_sum, group_cat, rms_norm, rope_cat
+from .fusion import gated_sum, group_cat, rope_cat
 from .linear import partitioned_state_dict
 from .query import LatentQueryMixin, LatentQuerySubmodules
 

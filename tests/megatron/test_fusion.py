@@ -1,4 +1,5 @@
-"""The fused elementwise glue of the attention layers (megatron_nsa.attention.fusion).
+"""The fused elementwise glue of the layers: megatron_nsa.attention.fusion and the norms'
+functions of megatron_nsa.norm.
 
 On CPU the functions run as written; these tests check them against independent formulas and
 check that each traces as one graph (torch.compile fullgraph, the aot_eager backend: what
@@ -11,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_nsa import norm
 from megatron_nsa.attention import fusion
+from megatron_nsa.config import ASATransformerConfig
 
 
 def rotate_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -47,10 +50,20 @@ def inputs(fn_name: str, dtype=torch.float32, device="cpu") -> tuple:
         return rand(b, s, heads, d), rand(b, s, 3, d_r)
     if fn_name == "rms_norm":
         return rand(s, b, 3, d), rand(3, d) + 1.0, 1e-5
+    if fn_name == "layer_norm":
+        return rand(s, b, d) * 3.0 + 1.0, rand(d) + 1.0, rand(d), 1e-5
     return torch.sigmoid(rand(b, s, heads, 2)), rand(b, s, heads, d), rand(b, s, heads, d)
 
 
-FUNCTIONS = ("rope_cat", "rope_tail", "rotate", "group_cat", "rms_norm", "gated_sum")
+FUNCTIONS = {
+    "rope_cat": fusion.rope_cat,
+    "rope_tail": fusion.rope_tail,
+    "rotate": fusion.rotate,
+    "group_cat": fusion.group_cat,
+    "gated_sum": fusion.gated_sum,
+    "rms_norm": norm.rms_norm,
+    "layer_norm": norm.layer_norm,
+}
 
 
 def test_rope_cat_rotates_the_shared_part_for_every_head():
@@ -88,18 +101,23 @@ def test_group_cat_gives_each_head_its_groups_part():
         torch.testing.assert_close(out[:, :, h], expected, rtol=0, atol=0)
 
 
-def test_rms_norm_and_gated_sum_match_their_formulas():
+def test_norms_and_gated_sum_match_their_formulas():
     x, weight, eps = inputs("rms_norm")
     rms = x.double().pow(2).mean(-1, keepdim=True).add(eps).sqrt()
-    torch.testing.assert_close(fusion.rms_norm(x, weight, eps), (x.double() / rms * weight).float())
+    torch.testing.assert_close(norm.rms_norm(x, weight, eps), (x.double() / rms * weight).float())
+    x, weight, bias, eps = inputs("layer_norm")
+    x64 = x.double()
+    centred = x64 - x64.mean(-1, keepdim=True)
+    std = centred.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    expected = (centred / std * weight + bias).float()
+    torch.testing.assert_close(norm.layer_norm(x, weight, bias, eps), expected)
     gates, o_cmp, o_slc = inputs("gated_sum")
     expected = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc
     torch.testing.assert_close(fusion.gated_sum(gates, o_cmp, o_slc), expected)
 
 
 def test_fuse_on_cpu_runs_the_plain_function():
-    for name in FUNCTIONS:
-        fn = getattr(fusion, name)
+    for name, fn in FUNCTIONS.items():
         args = inputs(name)
         torch.testing.assert_close(fn(*args, fuse=True), fn(*args), rtol=0, atol=0)
         assert fn.compiled is None, name
@@ -116,7 +134,7 @@ def forward_and_grads(fn, args: tuple) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_each_function_traces_as_one_graph_with_the_same_results(name):
-    fn = getattr(fusion, name).fn
+    fn = FUNCTIONS[name].fn
     torch._dynamo.reset()
     traced = torch.compile(fn, backend="aot_eager", fullgraph=True)
     args = inputs(name)
@@ -128,10 +146,34 @@ def test_each_function_traces_as_one_graph_with_the_same_results(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_fused_on_cuda_matches_the_plain_function(name):
-    fn = getattr(fusion, name)
+    fn = FUNCTIONS[name]
     args = inputs(name, dtype=torch.bfloat16, device="cuda")
     fused = forward_and_grads(lambda *a: fn(*a, fuse=True), args)
     plain = forward_and_grads(fn.fn, args)
     assert fn.compiled is not None
     for got, want in zip(fused, plain, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_norm_module_computes_its_function_in_fp32(normalization):
+    config = ASATransformerConfig(
+        num_layers=2, hidden_size=8, num_attention_heads=2, normalization=normalization,
+        fuse_elementwise=True, use_cpu_initialization=True,
+    )
+    module = norm.Norm(config=config, hidden_size=8, eps=1e-5)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        if module.bias is not None:
+            module.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(5, 2, 8, dtype=torch.bfloat16) * 4.0
+    x64, w64 = x.double(), module.weight.double()
+    if normalization == "RMSNorm":
+        expected = x64 * x64.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * w64
+    else:
+        centred = x64 - x64.mean(-1, keepdim=True)
+        expected = centred * centred.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * w64
+        expected = expected + module.bias.double()
+    out = module(x)
+    assert out.dtype == torch.bfloat16 and module.fuse
+    torch.testing.assert_close(out.double(), expected.to(torch.bfloat16).double())
