@@ -134,7 +134,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument(
         "--no-elementwise-fusion", action="store_true",
-        help="run the attention layers' RoPE / concatenation / norm glue unfused on the GPU",
+        help="run the norms, the attention layers' RoPE / concatenation glue and the "
+        "cross-entropy unfused on the GPU",
     )
 
     parallel = parser.add_argument_group("parallelism")
@@ -326,6 +327,7 @@ def build_config(args: argparse.Namespace) -> ASATransformerConfig:
         pipeline_dtype=dtype,
         use_cpu_initialization=not cuda,
         fuse_elementwise=not args.no_elementwise_fusion,
+        cross_entropy_loss_fusion=cuda and not args.no_elementwise_fusion,
         **recompute,
     )
 
