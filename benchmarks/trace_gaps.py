@@ -1,9 +1,11 @@
-"""Where the GPU waits for the host, from a torch.profiler Chrome trace (`pretrain_asa.py
---profile-dir` writes one per rank).
+"""Where the GPU's time goes and where it waits for the host, from a torch.profiler Chrome
+trace (`pretrain_asa.py --profile-dir` writes one per rank).
 
-Prints the GPU's busy time against the traced span, the idle gaps ranked by the host ops
-that were launching the kernel each gap waited for, and the host-device synchronisations
-(stream/device/event syncs and device-to-host copies) ranked by the ops that made them.
+Prints the GPU's busy time against the traced span, the GPU time ranked by the host ops that
+launched the kernels (which op's casts, concatenations or norms cost what), the idle gaps
+ranked by the host ops that were launching the kernel each gap waited for, and the
+host-device synchronisations (stream/device/event syncs and device-to-host copies) ranked by
+the ops that made them.
 
     python benchmarks/trace_gaps.py prof/trace_rank0.json [--min-gap-us 5] [--depth 3]
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "python_function"}
+LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
 
 
@@ -80,6 +83,7 @@ class Report:
 
     span: float
     busy: float
+    kernels: dict[str, list[float]]
     gaps: dict[str, list[float]]
     syncs: dict[str, list[float]]
 
@@ -95,9 +99,9 @@ def analyse(events: list[dict], min_gap_us: float = 5.0, depth: int = 3) -> Repo
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
     if not gpu:
         raise ValueError("the trace holds no GPU events (profile on a GPU)")
-    launches = {
+    launches = {  # Triton and cuBLAS launch through the driver API, the rest the runtime's
         e["args"]["correlation"]: e for e in events
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})
     }
     by_thread: dict[tuple, list[dict]] = defaultdict(list)
     for e in events:
@@ -110,12 +114,14 @@ def analyse(events: list[dict], min_gap_us: float = 5.0, depth: int = 3) -> Repo
         ops = host.get((launch["pid"], launch["tid"])) if launch else None
         return ops.chain(launch["ts"]) if ops else []
 
-    report = Report(0.0, 0.0, defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0]))
+    report = Report(0.0, 0.0, *(defaultdict(lambda: [0.0, 0]) for _ in range(3)))
     end = gpu[0]["ts"]
     for e in gpu:
         start, stop = e["ts"], e["ts"] + e.get("dur", 0)
+        key = key_of(launched_by(e), depth)
+        tally(report.kernels, key, stop - start)
         if start - end >= min_gap_us:
-            tally(report.gaps, key_of(launched_by(e), depth), start - end)
+            tally(report.gaps, key, start - end)
         report.busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     report.span = end - gpu[0]["ts"]
@@ -144,6 +150,9 @@ def main() -> None:
     print(f"{args.trace}: GPU span {r.span / 1e3:.1f} ms, busy {r.busy / 1e3:.1f} ms "
           f"({100 * r.busy / r.span:.1f}%), {count} gaps >= {args.min_gap_us:g} us "
           f"= {idle / 1e3:.1f} ms")
+    print(f"\nGPU time, by the host ops launching the kernels (top {args.top}):")
+    for key, (total, n) in sorted(r.kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{total / 1e3:9.2f} ms {n:6d} kernels  {key}")
     print(f"\nidle before kernels, by the host ops launching them (top {args.top}):")
     for key, (total, n) in sorted(r.gaps.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{total / 1e3:9.2f} ms {n:6d} gaps  {key}")

@@ -1,5 +1,6 @@
-"""benchmarks/trace_gaps.py on a hand-made Chrome trace: GPU idle gaps are charged to the host
-ops that launched the next kernel, syncs and copies to the ops that made them."""
+"""benchmarks/trace_gaps.py on a hand-made Chrome trace: GPU time is charged to the host ops
+that launched each kernel, idle gaps to those that launched the next one, syncs and copies to
+the ops that made them."""
 
 import json
 import subprocess
@@ -16,8 +17,8 @@ def host(name, ts, dur, cat="cpu_op"):
     return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 7}
 
 
-def launch(ts, correlation, name="cudaLaunchKernel"):
-    return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": 2, "pid": 1,
+def launch(ts, correlation, name="cudaLaunchKernel", cat="cuda_runtime"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": 2, "pid": 1,
             "tid": 7, "args": {"correlation": correlation}}
 
 
@@ -35,7 +36,7 @@ EVENTS = [
     {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 25, "dur": 20,
      "pid": 1, "tid": 7},
     host("aten::mm", 60, 30),
-    launch(70, 3),
+    launch(70, 3, name="cuLaunchKernelEx", cat="cuda_driver"),
     host("Optimizer.step", 200, 50, cat="user_annotation"),
     launch(210, 4),
     # device: 0-30 busy, copy 30-32, idle 32-80 (waits for launch 3), 80-150 busy,
@@ -51,6 +52,11 @@ def test_gaps_and_syncs_are_charged_to_their_ops():
     report = trace_gaps.analyse(EVENTS, min_gap_us=5)
     assert report.span == pytest.approx(220 - 14)
     assert report.busy == pytest.approx(16 + 2 + 70 + 5)
+    assert dict(report.kernels) == {
+        "SelectedAttentionFunction > aten::nonzero": [18.0, 2],
+        "SelectedAttentionFunction > aten::mm": [70.0, 1],
+        "Optimizer.step": [5.0, 1],
+    }
     assert dict(report.gaps) == {
         "SelectedAttentionFunction > aten::mm": [48.0, 1],
         "Optimizer.step": [65.0, 1],
@@ -75,6 +81,7 @@ def test_command_line(tmp_path):
     ).stdout
     assert "busy 0.1 ms (45.1%), 2 gaps >= 5 us = 0.1 ms" in out
     assert "Optimizer.step" in out
+    assert "0.07 ms      1 kernels  SelectedAttentionFunction > aten::mm" in out
 
 
 def test_a_trace_without_gpu_events_is_refused():
