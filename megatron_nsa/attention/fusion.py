@@ -37,6 +37,18 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 @Fusible
+def rope_kv(
+    kv: torch.Tensor, rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of an MLA up-projection: kv [s, b, H, d + d_v] (each head's d key then
+    d_v value channels), rope [s, b, 1, d_R], cos, sin [s, 1, 1, d_R] -> keys [nope ;
+    RoPE(rope)] [s, b, H, d + d_R] and values [s, b, H, d_v]. Split inside, so that fused the
+    backward writes kv's gradient in one kernel instead of concatenating the two parts'."""
+    nope, value = kv.split([key_dim, kv.shape[-1] - key_dim], dim=-1)
+    return rope_cat.fn(nope, rope, cos, sin), value.contiguous()
+
+
+@Fusible
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on the first d_R channels of x [s, b, H, d] (`Rotary.rotate`)."""
     return Rotary.rotate(x, cos, sin)
@@ -50,6 +62,20 @@ def group_cat(nope: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     nope = nope.unflatten(2, (groups, -1))  # [b, n, h_c, H / h_c, d]
     shared = shared.unsqueeze(3).expand(*nope.shape[:-1], -1)
     return torch.cat((nope, shared), dim=-1).flatten(2, 3)
+
+
+@Fusible
+def group_kv(
+    kv: torch.Tensor, shared: torch.Tensor, key_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a GLA up-projection: kv [b, n, h_c, H / h_c, d + d_v] (each head's d
+    key then d_v value channels, any strides), shared [b, n, h_c, d_R] -> keys [nope ; the
+    group's shared part] [b, n, H, d + d_R] and values [b, n, H, d_v]. One kernel each way,
+    as `rope_kv`."""
+    nope, value = kv.split([key_dim, kv.shape[-1] - key_dim], dim=-1)
+    shared = shared.unsqueeze(3).expand(*nope.shape[:-1], -1)
+    keys = torch.cat((nope, shared), dim=-1).flatten(2, 3)
+    return keys, value.flatten(2, 3).contiguous()
 
 
 @Fusible

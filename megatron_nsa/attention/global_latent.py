@@ -249,14 +249,10 @@ class GlobalCoreAttention(ASACoreAttention):
             cu_seqlens = packed_cu_seqlens(packed_seq_params)
             tokens = self.latent_tokens(key).transpose(0, 1)  # [b, S, h_c, d_c' + d_R]
             compressed = self.compressor(tokens, cu_seqlens)  # [b, N, h_c, d_c' + d_R]
-            k, v = self.linear_kv_up_proj(torch.cat((tokens, compressed), dim=1))
-            length = tokens.shape[1]
-            o_cmp, indices = self.compressed_branch(
-                q, k[:, length:], v[:, length:], cu_seqlens=cu_seqlens
-            )
-            out = self.selected_branch(
-                q, gates, o_cmp, indices, k[:, :length], v[:, :length], cu_seqlens=cu_seqlens
-            )
+            k_cmp, v_cmp = self.linear_kv_up_proj(compressed)
+            o_cmp, indices = self.compressed_branch(q, k_cmp, v_cmp, cu_seqlens=cu_seqlens)
+            k, v = self.linear_kv_up_proj(tokens)
+            out = self.selected_branch(q, gates, o_cmp, indices, k, v, cu_seqlens=cu_seqlens)
             return self.to_sequence_major(out)
         k_cmp, v_cmp = self.linear_kv_up_proj(compressed.transpose(0, 1))
         branch = run_pieces(

@@ -30,7 +30,7 @@ from ..parallel import (
     reduce_grad_over_replicas,
     replicate_over_tp,
 )
-from .fusion import group_cat
+from .fusion import group_kv
 
 
 class DuplicatedLinear(MegatronModule):
@@ -188,9 +188,8 @@ class LatentKVUpProjection(MegatronModule):
         group = self.heads.local_heads // local_latents
         weight = self.weight.view(local_latents, group * (self.key_dim + self.value_dim), -1)
         kv = torch.einsum("bnjc,jkc->bnjk", latent, weight)  # [b, n, h_c_local, G * (dk + dv)]
-        kv = kv.reshape(*kv.shape[:2], self.heads.local_heads, self.key_dim + self.value_dim)
-        k_nope, v = kv.split([self.key_dim, self.value_dim], dim=-1)
-        return group_cat(k_nope, k_rope, fuse=self.config.fuse_elementwise), v
+        kv = kv.unflatten(-1, (group, self.key_dim + self.value_dim))
+        return group_kv(kv, k_rope, self.key_dim, fuse=self.config.fuse_elementwise)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return partitioned_state_dict(self, prefix, sharded_offsets, metadata, self.heads)

@@ -41,7 +41,7 @@ from ..context_parallel import (
 )
 from ..parallel import replicate_over_tp
 from .base import ASACoreAttention, ASASelfAttention, TokenLayout, packed_cu_seqlens
-from .fusion import rope_cat
+from .fusion import rope_kv
 from .query import LatentQueryMixin, LatentQuerySubmodules
 
 
@@ -116,10 +116,11 @@ class LocalSelfAttention(LatentQueryMixin, ASASelfAttention):
         ) -> torch.Tensor:
             kv, _ = self.linear_kv_up_proj(c)  # [E(+pad), b, H * (d_h + d_v)]
             keys = k_rope.shape[0]
-            kv = kv[:keys].view(keys, kv.shape[1], self.heads.local_heads, -1)
-            k_nope, value = kv.split([config.qk_head_dim, config.v_head_dim], dim=-1)
-            key = rope_cat(
-                k_nope, k_rope.unsqueeze(2), key_cos, key_sin, fuse=config.fuse_elementwise
+            if kv.shape[0] != keys:  # the sequence-parallel padding
+                kv = kv[:keys]
+            key, value = rope_kv(
+                kv.view(keys, kv.shape[1], self.heads.local_heads, -1), k_rope.unsqueeze(2),
+                key_cos, key_sin, config.qk_head_dim, fuse=config.fuse_elementwise,
             )
             return self.run_core(
                 query, key, value, packed_seq_params, checkpoint=not whole, pieces=pieces

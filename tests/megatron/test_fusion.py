@@ -46,6 +46,11 @@ def inputs(fn_name: str, dtype=torch.float32, device="cpu") -> tuple:
         return rand(s, b, heads, d_r + 2), cos, sin
     if fn_name == "rope_tail":
         return rand(s, b, heads, d + d_r), cos, sin
+    if fn_name == "rope_kv":
+        return rand(s, b, heads, d + 3), rand(s, b, 1, d_r), cos, sin, d
+    if fn_name == "group_kv":
+        kv = rand(3, b, s, 2, d + 3).permute(1, 2, 0, 3, 4)  # strided, as einsum returns it
+        return kv, rand(b, s, 3, d_r), d
     if fn_name == "group_cat":
         return rand(b, s, heads, d), rand(b, s, 3, d_r)
     if fn_name == "rms_norm":
@@ -60,6 +65,8 @@ FUNCTIONS = {
     "rope_tail": fusion.rope_tail,
     "rotate": fusion.rotate,
     "group_cat": fusion.group_cat,
+    "rope_kv": fusion.rope_kv,
+    "group_kv": fusion.group_kv,
     "gated_sum": fusion.gated_sum,
     "rms_norm": norm.rms_norm,
     "layer_norm": norm.layer_norm,
@@ -81,6 +88,26 @@ def test_rope_tail_rotates_the_last_channels_of_every_head():
     out = fusion.rope_tail(x, cos, sin)
     torch.testing.assert_close(out[..., :-d_r], x[..., :-d_r], rtol=0, atol=0)
     torch.testing.assert_close(out[..., -d_r:], rotate_complex(x[..., -d_r:], cos, sin))
+
+
+def test_rope_kv_splits_keys_from_values_and_rotates_the_shared_part():
+    kv, rope, cos, sin, d = inputs("rope_kv")
+    key, value = fusion.rope_kv(kv, rope, cos, sin, d)
+    torch.testing.assert_close(key, fusion.rope_cat(kv[..., :d], rope, cos, sin), rtol=0, atol=0)
+    torch.testing.assert_close(value, kv[..., d:], rtol=0, atol=0)
+    assert value.is_contiguous()
+
+
+def test_group_kv_gives_each_head_its_key_value_and_groups_part():
+    kv, shared, d = inputs("group_kv")
+    key, value = fusion.group_kv(kv, shared, d)
+    per_group = kv.shape[3]
+    for h in range(kv.shape[2] * per_group):
+        j, i = divmod(h, per_group)
+        expected = torch.cat((kv[:, :, j, i, :d], shared[:, :, j]), dim=-1)
+        torch.testing.assert_close(key[:, :, h], expected, rtol=0, atol=0)
+        torch.testing.assert_close(value[:, :, h], kv[:, :, j, i, d:], rtol=0, atol=0)
+    assert value.is_contiguous()
 
 
 def test_rotate_leaves_channels_past_the_rope_dim():
@@ -126,10 +153,14 @@ def test_fuse_on_cpu_runs_the_plain_function():
 def forward_and_grads(fn, args: tuple) -> list[torch.Tensor]:
     leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
               for a in args]
-    out = fn(*leaves)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
-    (out * weights.view(out.shape)).sum().backward()
-    return [out] + [a.grad for a in leaves if isinstance(a, torch.Tensor)]
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    loss = 0.0
+    for out in outs:
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+        loss = loss + (out * weights.view(out.shape)).sum()
+    loss.backward()
+    return outs + [a.grad for a in leaves if isinstance(a, torch.Tensor)]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
