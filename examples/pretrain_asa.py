@@ -134,8 +134,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument(
         "--no-elementwise-fusion", action="store_true",
-        help="run the norms, the attention layers' RoPE / concatenation glue and the "
-        "cross-entropy unfused on the GPU",
+        help="run the norms and the attention layers' RoPE / concatenation glue unfused on "
+        "the GPU",
+    )
+    model.add_argument(
+        "--cross-entropy-loss-fusion", action="store_true",
+        help="Megatron's fused cross-entropy on the GPU: ~4%% faster for ASA at 64k, but it "
+        "holds a second fp32 copy of the logits (+8 GiB at 64k tokens, 32k vocabulary)",
     )
 
     parallel = parser.add_argument_group("parallelism")
@@ -327,7 +332,7 @@ def build_config(args: argparse.Namespace) -> ASATransformerConfig:
         pipeline_dtype=dtype,
         use_cpu_initialization=not cuda,
         fuse_elementwise=not args.no_elementwise_fusion,
-        cross_entropy_loss_fusion=cuda and not args.no_elementwise_fusion,
+        cross_entropy_loss_fusion=cuda and args.cross_entropy_loss_fusion,
         **recompute,
     )
 
