@@ -79,9 +79,9 @@ class ASATransformerConfig(MLATransformerConfig):
 
     fuse_elementwise: bool = False
     """Run the elementwise glue of the layers (RoPE with the concatenation of RoPE and
-    non-RoPE halves, the norms of `megatron_nsa.norm` with their fp32 casts, the gated sum of
-    branches) as torch.compile'd kernels on CUDA, as Megatron's bias / activation fusions do;
-    no effect on CPU."""
+    non-RoPE halves, the split of the up-projections into keys and values, the norms of
+    `megatron_nsa.norm` with their fp32 casts, the gated sum of branches) as torch.compile'd
+    kernels on CUDA, as Megatron's bias / activation fusions do; no effect on CPU."""
 
     rope_type: str = "rope"
     """Plain RoPE unless YaRN is asked for (Megatron's MLA default is DeepSeek-V3's YaRN)."""

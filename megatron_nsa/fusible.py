@@ -12,17 +12,19 @@ from collections.abc import Callable
 
 import torch
 
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
 
 class Fusible:
     """A function of tensors that runs compiled when asked to fuse and its first argument is
     on CUDA. Compiled once, lazily; shapes that change are then traced dynamically."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., Outputs]) -> None:
         self.fn = fn
-        self.compiled: Callable[..., torch.Tensor] | None = None
+        self.compiled: Callable[..., Outputs] | None = None
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
-    def __call__(self, *args: torch.Tensor | float | None, fuse: bool = False) -> torch.Tensor:
+    def __call__(self, *args: torch.Tensor | float | None, fuse: bool = False) -> Outputs:
         if not (fuse and args[0].is_cuda):
             return self.fn(*args)
         if self.compiled is None:

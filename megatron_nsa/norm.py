@@ -5,9 +5,9 @@ sequence parallelism. `Norm` accepts it: under sequence parallelism its paramete
 this rank's tokens, so they carry Megatron's `sequence_parallel` attribute and
 `finalize_model_grads` sums their gradients over the TP group. It uses apex's fused RMSNorm
 and LayerNorm kernels on CUDA tensors when apex is importable; without apex, and with
-`config.fuse_elementwise`, the norm with its casts to and from fp32 runs compiled (one kernel
-each way instead of a cast, the norm, a cast back and their gradients' three, which at 64k
-tokens took ~7% of a training step).
+`config.fuse_elementwise`, the norm with its casts to and from fp32 runs compiled: one kernel
+each way instead of a cast, the norm, a cast back and the backward's three (for the ~350M
+preset at 64k tokens the norm kernels alone took 54 ms of a ~920 ms step).
 """
 
 from __future__ import annotations
