@@ -33,7 +33,8 @@ PY
 
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" \
+  python3 -m pytest -q -m gpu tests/kernels tests/megatron/test_fusion.py -p no:cacheprovider \
+    2>&1 | tee "$out/gpu_tests.log" \
     || status=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
