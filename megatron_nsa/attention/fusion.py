@@ -73,9 +73,7 @@ def group_kv(
     group's shared part] [b, n, H, d + d_R] and values [b, n, H, d_v]. One kernel each way,
     as `rope_kv`."""
     nope, value = kv.split([key_dim, kv.shape[-1] - key_dim], dim=-1)
-    shared = shared.unsqueeze(3).expand(*nope.shape[:-1], -1)
-    keys = torch.cat((nope, shared), dim=-1).flatten(2, 3)
-    return keys, value.flatten(2, 3).contiguous()
+    return group_cat.fn(nope.flatten(2, 3), shared), value.flatten(2, 3).contiguous()
 
 
 @Fusible

@@ -128,15 +128,23 @@ def test_group_cat_gives_each_head_its_groups_part():
         torch.testing.assert_close(out[:, :, h], expected, rtol=0, atol=0)
 
 
+def rms_norm_float64(x, weight, eps):
+    x = x.double()
+    return x / x.pow(2).mean(-1, keepdim=True).add(eps).sqrt() * weight.double()
+
+
+def layer_norm_float64(x, weight, bias, eps):
+    centred = x.double() - x.double().mean(-1, keepdim=True)
+    std = centred.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    return centred / std * weight.double() + bias.double()
+
+
 def test_norms_and_gated_sum_match_their_formulas():
     x, weight, eps = inputs("rms_norm")
-    rms = x.double().pow(2).mean(-1, keepdim=True).add(eps).sqrt()
-    torch.testing.assert_close(norm.rms_norm(x, weight, eps), (x.double() / rms * weight).float())
+    expected = rms_norm_float64(x, weight, eps).float()
+    torch.testing.assert_close(norm.rms_norm(x, weight, eps), expected)
     x, weight, bias, eps = inputs("layer_norm")
-    x64 = x.double()
-    centred = x64 - x64.mean(-1, keepdim=True)
-    std = centred.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
-    expected = (centred / std * weight + bias).float()
+    expected = layer_norm_float64(x, weight, bias, eps).float()
     torch.testing.assert_close(norm.layer_norm(x, weight, bias, eps), expected)
     gates, o_cmp, o_slc = inputs("gated_sum")
     expected = gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc
@@ -198,13 +206,10 @@ def test_norm_module_computes_its_function_in_fp32(normalization):
         if module.bias is not None:
             module.bias.uniform_(-0.5, 0.5)
     x = torch.randn(5, 2, 8, dtype=torch.bfloat16) * 4.0
-    x64, w64 = x.double(), module.weight.double()
     if normalization == "RMSNorm":
-        expected = x64 * x64.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * w64
+        expected = rms_norm_float64(x, module.weight, 1e-5)
     else:
-        centred = x64 - x64.mean(-1, keepdim=True)
-        expected = centred * centred.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * w64
-        expected = expected + module.bias.double()
+        expected = layer_norm_float64(x, module.weight, module.bias, 1e-5)
     out = module(x)
     assert out.dtype == torch.bfloat16 and module.fuse
     torch.testing.assert_close(out.double(), expected.to(torch.bfloat16).double())
