@@ -10,7 +10,8 @@ may be split over several programs whose fp32 partial sums are added afterwards:
 heads and T/s compressed tokens there are otherwise too few key tiles to fill a GPU.
 
 Head dims up to `TileConfig.head_tile` (after rounding up to a power of two) are held whole in
-registers. Wider ones (latent-absorbed 576/512) are reduced in chunks of `head_chunk`, and the
+registers, a key dim in two power-of-two parts (`tiles.split_key_dim`: 96 = 64 + 32, not a
+padded 128). Wider ones (latent-absorbed 576/512) are reduced in chunks of `head_chunk`, and the
 accumulators along them (o, dq, dk, dv) are split over the grid, each program recomputing the
 scores. All addressing is int64: T x heads x dim passes 2^31 at long T.
 """
@@ -23,7 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tiles import HeadSplit, dot_precision, dot_rows, head_split, load_rows
+from ..tiles import (
+    HeadSplit,
+    dot_parts,
+    dot_precision,
+    dot_rows,
+    head_split,
+    load_parts,
+    load_rows,
+    store_parts,
+)
 from ..utils import compressed_cu_seqlens, num_compressed_blocks, softmax_scale
 
 LOG2E_VALUE = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); host side
@@ -162,10 +172,12 @@ def _fwd_kernel(
     seq_len, num_cmp, q_offset, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DV: tl.constexpr,
-    PACKED: tl.constexpr, WITH_OUTPUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
+    TILE_DV: tl.constexpr, PACKED: tl.constexpr, WITH_OUTPUT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """One query tile of one head (x one DV tile): o and lse, or lse alone."""
+    """One query tile of one head (x one DV tile): o and lse, or lse alone. A whole DK is
+    held in its two parts DK1 + DK2 (`split_key_dim`)."""
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_dv = tl.program_id(2)
@@ -186,10 +198,9 @@ def _fwd_kernel(
     n_vis = tl.minimum(_num_visible(last, CMP_BLOCK, CMP_STRIDE), n_cmp)
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
     cols_v = pid_dv * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        q_tile = load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
+        q1, q2 = load_parts(q_base, q_rows, t_ok, 0, DK, stride_qd, DK1, DK2)  # [BT, DK1|DK2]
 
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -199,8 +210,8 @@ def _fwd_kernel(
         i_ok = i < n_vis
         k_rows = (cbos + i).to(tl.int64) * stride_kn
         if NUM_DK == 1:
-            k_tile = load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
-            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+            k1, k2 = load_parts(k_base, k_rows, i_ok, 0, DK, stride_kd, DK1, DK2)
+            s = dot_parts(q1, q2, k1, k2, DK2, PRECISION)  # [BT, BN]
         else:
             s = dot_rows(
                 q_base, q_rows, t_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
@@ -268,11 +279,12 @@ def _dq_kernel(
     seq_len, num_cmp, q_offset, scale, scale_log2,
     HQ: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PACKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of one query tile of one head (x one DK tile); the `o` strides are dO's."""
+    """dQ of one query tile of one head (x one DK tile, in parts DK1 + DK2); the `o` strides
+    are dO's."""
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_dk = tl.program_id(2)
@@ -299,29 +311,28 @@ def _dq_kernel(
     n_vis = tl.minimum(_num_visible(last, CMP_BLOCK, CMP_STRIDE), n_cmp)
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    cols_k = pid_dk * TILE_DK + tl.arange(0, TILE_DK)
+    col0 = pid_dk * DK1  # the accumulator tile's first column
     if NUM_DK == 1:
-        q_tile = load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
+        q1, q2 = load_parts(q_base, q_rows, t_ok, 0, DK, stride_qd, DK1, DK2)  # [BT, DK1|DK2]
     if NUM_DV == 1:
         do_tile = load_rows(do_base, o_rows, t_ok, offs_dv, DV, stride_od)  # [BT, DV]
 
-    acc = tl.zeros([BLOCK_T, TILE_DK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_T, DK1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_T, DK2 if DK2 > 0 else 16], dtype=tl.float32)
     for start in range(0, n_vis, BLOCK_N):
         i = start + offs_n
         i_ok = i < n_vis
         k_rows = (cbos + i).to(tl.int64) * stride_kn
         v_rows = (cbos + i).to(tl.int64) * stride_vn
+        k1, k2 = load_parts(k_base, k_rows, i_ok, col0, DK, stride_kd, DK1, DK2)  # [BN, DK1|DK2]
         if NUM_DK == 1:
-            k_tile = load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
-            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+            s = dot_parts(q1, q2, k1, k2, DK2, PRECISION)  # [BT, BN]
         else:
             s = dot_rows(
                 q_base, q_rows, t_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
                 DK, BLOCK_DK, NUM_DK, BLOCK_T, BLOCK_N, PRECISION,
             )
-            k_tile = load_rows(k_base, k_rows, i_ok, cols_k, DK, stride_kd)  # [BN, TILE_DK]
         if NUM_DV == 1:
             v_tile = load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
             dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
@@ -333,16 +344,15 @@ def _dq_kernel(
         visible = (i[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= q_offset + t[:, None])
         visible = visible & i_ok[None, :]
         p = tl.where(visible, tl.exp2(s * scale_log2 - lse_t[:, None]), 0.0)  # [BT, BN]
-        ds = p * (dp - delta_t[:, None])
-        acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+        ds = (p * (dp - delta_t[:, None])).to(k1.dtype)
+        acc1 += tl.dot(ds, k1, input_precision=PRECISION)
+        if DK2 > 0:
+            acc2 += tl.dot(ds, k2, input_precision=PRECISION)
 
     dq_base = dq + b * stride_dqb + h.to(tl.int64) * stride_dqh
     dq_rows = (bos + t).to(tl.int64) * stride_dqt
-    dq_ptr = dq_base + dq_rows[:, None] + cols_k[None, :] * stride_dqd
-    tl.store(
-        dq_ptr, (acc * scale).to(dq.dtype.element_ty),
-        mask=t_ok[:, None] & (cols_k < DK)[None, :],
-    )
+    store_parts(dq_base, dq_rows, t_ok, col0, DK, stride_dqd, acc1 * scale, acc2 * scale,
+                DK1, DK2)
 
 
 @triton.jit
@@ -358,14 +368,15 @@ def _dkv_kernel(
     seq_len, num_cmp, q_offset, scale, scale_log2,
     HK: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, TILE_DV: tl.constexpr,
     NUM_TILES: tl.constexpr, SPLITS: tl.constexpr,
     PACKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK/dV of one compressed-key tile of one KV head, over one part of its query range.
 
-    Axis 2 enumerates (split, accumulator tile); results go to dk[split], dv[split].
+    Axis 2 enumerates (split, accumulator tile); results go to dk[split], dv[split]. The dK
+    tile is held in its two parts DK1 + DK2.
     """
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -384,12 +395,11 @@ def _dkv_kernel(
     v_base = v + b * stride_vb + hk.to(tl.int64) * stride_vh
     k_rows = (cbos + i).to(tl.int64) * stride_kn
     v_rows = (cbos + i).to(tl.int64) * stride_vn
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    cols_k = acc_tile * TILE_DK + tl.arange(0, TILE_DK)
+    col0 = acc_tile * DK1  # the dK tile's first column
     cols_v = acc_tile * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        k_tile = load_rows(k_base, k_rows, i_ok, offs_dk, DK, stride_kd)  # [BN, DK]
+        k1, k2 = load_parts(k_base, k_rows, i_ok, 0, DK, stride_kd, DK1, DK2)  # [BN, DK1|DK2]
     if NUM_DV == 1:
         v_tile = load_rows(v_base, v_rows, i_ok, offs_dv, DV, stride_vd)  # [BN, DV]
 
@@ -400,7 +410,8 @@ def _dkv_kernel(
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, last)
 
-    dk_acc = tl.zeros([BLOCK_N, TILE_DK], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, DK1], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, DK2 if DK2 > 0 else 16], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, TILE_DV], dtype=tl.float32)
     for q_tile_idx in range(lo, hi):
         t = q_tile_idx * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -418,15 +429,14 @@ def _dkv_kernel(
             lse_t = tl.load(lse + l_off, mask=t_ok, other=0.0)
             lse_t = tl.where(lse_t == float("-inf"), 0.0, lse_t * LOG2E)
             delta_t = tl.load(delta + l_off, mask=t_ok, other=0.0)
+            q1, q2 = load_parts(q_base, q_rows, t_ok, col0, DK, stride_qd, DK1, DK2)
             if NUM_DK == 1:
-                q_t = load_rows(q_base, q_rows, t_ok, offs_dk, DK, stride_qd)  # [BT, DK]
-                s = tl.dot(k_tile, tl.trans(q_t), input_precision=PRECISION)
+                s = dot_parts(k1, k2, q1, q2, DK2, PRECISION)  # [BN, BT]
             else:
                 s = dot_rows(
                     k_base, k_rows, i_ok, stride_kd, q_base, q_rows, t_ok, stride_qd,
                     DK, BLOCK_DK, NUM_DK, BLOCK_N, BLOCK_T, PRECISION,
                 )
-                q_t = load_rows(q_base, q_rows, t_ok, cols_k, DK, stride_qd)  # [BT, TILE_DK]
             if NUM_DV == 1:
                 do_t = load_rows(do_base, o_rows, t_ok, offs_dv, DV, stride_od)  # [BT, DV]
                 dp = tl.dot(v_tile, tl.trans(do_t), input_precision=PRECISION)
@@ -438,21 +448,20 @@ def _dkv_kernel(
                 do_t = load_rows(do_base, o_rows, t_ok, cols_v, DV, stride_od)  # [BT, TILE_DV]
             p = tl.where(visible, tl.exp2(s * scale_log2 - lse_t[None, :]), 0.0)  # [BN, BT]
             dv_acc += tl.dot(p.to(do_t.dtype), do_t, input_precision=PRECISION)
-            ds = p * (dp - delta_t[None, :])
-            dk_acc += tl.dot(ds.to(q_t.dtype), q_t, input_precision=PRECISION)
+            ds = (p * (dp - delta_t[None, :])).to(q1.dtype)
+            dk1 += tl.dot(ds, q1, input_precision=PRECISION)
+            if DK2 > 0:
+                dk2 += tl.dot(ds, q2, input_precision=PRECISION)
 
     n_rows = (cbos + i).to(tl.int64)
-    dk_ptr = (
+    dk_base = (
         dk + split.to(tl.int64) * stride_dks + b * stride_dkb + hk.to(tl.int64) * stride_dkh
-        + n_rows[:, None] * stride_dkn + cols_k[None, :] * stride_dkd
     )
+    store_parts(dk_base, n_rows * stride_dkn, i_ok, col0, DK, stride_dkd, dk1 * scale,
+                dk2 * scale, DK1, DK2)
     dv_ptr = (
         dv + split.to(tl.int64) * stride_dvs + b * stride_dvb + hk.to(tl.int64) * stride_dvh
         + n_rows[:, None] * stride_dvn + cols_v[None, :] * stride_dvd
-    )
-    tl.store(
-        dk_ptr, (dk_acc * scale).to(dk.dtype.element_ty),
-        mask=i_ok[:, None] & (cols_k < DK)[None, :],
     )
     tl.store(dv_ptr, dv_acc.to(dv.dtype.element_ty), mask=i_ok[:, None] & (cols_v < DV)[None, :])
 
@@ -491,8 +500,9 @@ def attention_forward(
         seqlen, k_cmp.shape[1], layout.q_offset, scale * LOG2E_VALUE,
         HQ=heads, GROUP=heads // kv_heads, CMP_BLOCK=block_size, CMP_STRIDE=stride,
         DK=dk, DV=dv, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, TILE_DV=vsplit.tile,
-        PACKED=layout.packed, WITH_OUTPUT=with_output, PRECISION=dot_precision(q.dtype),
+        BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, DK1=ksplit.parts[0], DK2=ksplit.parts[1],
+        TILE_DV=vsplit.tile, PACKED=layout.packed, WITH_OUTPUT=with_output,
+        PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -541,8 +551,8 @@ def attention_backward(
 
     common = dict(
         CMP_BLOCK=block_size, CMP_STRIDE=stride, DK=dk, DV=dv,
-        BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, BLOCK_DV=vsplit.block, NUM_DV=vsplit.chunks,
-        PACKED=layout.packed, PRECISION=precision,
+        BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, DK1=ksplit.parts[0], DK2=ksplit.parts[1],
+        BLOCK_DV=vsplit.block, NUM_DV=vsplit.chunks, PACKED=layout.packed, PRECISION=precision,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
     )
     q_tiles, n_q_tiles = layout.tiles(cfg.block_t, q.device)
@@ -552,7 +562,7 @@ def attention_backward(
             *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride(), *lse.stride(),
             *dq.stride(), seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE,
             HQ=heads, GROUP=heads // kv_heads, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-            TILE_DK=ksplit.tile, **common,
+            **common,
         )
 
     k_tiles, n_k_tiles = layout.tiles(cfg.dkv_block_n, q.device, compressed=True)
@@ -571,8 +581,7 @@ def attention_backward(
         *dk_parts.stride(), *dv_parts.stride(),
         seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE,
         HK=kv_heads, GROUP=heads // kv_heads, BLOCK_T=cfg.dkv_block_t, BLOCK_N=cfg.dkv_block_n,
-        TILE_DK=ksplit.tile, TILE_DV=vsplit.tile,
-        NUM_TILES=acc_tiles, SPLITS=splits, **common,
+        TILE_DV=vsplit.tile, NUM_TILES=acc_tiles, SPLITS=splits, **common,
     )
     if splits == 1:
         return dq, dk_parts[0], dv_parts[0]

@@ -39,7 +39,8 @@ dropped (repeats count once, as in the reference), keys are masked to j <= t, th
 saves the base-2 log-sum-exp, and rows that see no key give o = 0 and lse = -inf, never NaN.
 
 Head dims up to `TileConfig.head_tile` (after rounding up to a power of two) stay whole in
-registers; wider ones (latent-absorbed 576/512) are reduced in chunks of `head_chunk` and the
+registers, a key dim in two power-of-two parts (`tiles.split_key_dim`: 96 = 64 + 32, not a
+padded 128); wider ones (latent-absorbed 576/512) are reduced in chunks of `head_chunk` and the
 accumulators along them are split over the grid, each program recomputing the scores. Every
 token or row offset is widened to int64 before it is multiplied by a stride.
 """
@@ -53,7 +54,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tiles import HeadSplit, dot_precision, dot_rows, head_split, load_rows
+from ..tiles import (
+    HeadSplit,
+    dot_parts,
+    dot_precision,
+    dot_rows,
+    head_split,
+    load_parts,
+    load_rows,
+    store_parts,
+)
 from ..utils import softmax_scale
 
 LOG2E = math.log2(math.e)
@@ -292,9 +302,11 @@ def _fwd_kernel(
     UNIT_P: tl.constexpr, KV_GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
-    TILE_DV: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr,
+    DK1: tl.constexpr, DK2: tl.constexpr, TILE_DV: tl.constexpr, PACKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """o and lse (base 2) of BLOCK_Q queries x one unit of heads (x one DV tile)."""
+    """o and lse (base 2) of BLOCK_Q queries x one unit of heads (x one DV tile); a whole DK
+    is held in its two parts DK1 + DK2."""
     pid_tile = tl.program_id(0)
     pid_dv = tl.program_id(2)
     b = (tl.program_id(1) // UNITS).to(tl.int64)
@@ -319,10 +331,9 @@ def _fwd_kernel(
     v_base = v + b * stride_vb + hk * stride_vh
     q_rows = tok * stride_qt + h * stride_qh
     offs_k = tl.arange(0, BLOCK_K)
-    offs_dk = tl.arange(0, BLOCK_DK)
     cols_v = pid_dv * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        q_tile = load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
+        q1, q2 = load_parts(q_base, q_rows, row_ok, 0, DK, stride_qd, DK1, DK2)  # [BR, DK1|DK2]
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -335,11 +346,8 @@ def _fwd_kernel(
         k_rows = (bos + key).to(tl.int64) * stride_kt
         v_rows = (bos + key).to(tl.int64) * stride_vt
         if NUM_DK == 1:
-            k_tile = tl.load(
-                k_base + k_rows[:, None] + offs_dk[None, :] * stride_kd,
-                mask=k_ok[:, None] & (offs_dk < DK)[None, :], other=0.0,
-            )  # [BK, DK]
-            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+            k1, k2 = load_parts(k_base, k_rows, k_ok, 0, DK, stride_kd, DK1, DK2)
+            s = dot_parts(q1, q2, k1, k2, DK2, PRECISION)  # [BR, BK]
         else:
             s = dot_rows(
                 q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
@@ -382,7 +390,7 @@ def _fwd_key_major_kernel(
     SEL_PER_OWNER: tl.constexpr, KV_GROUP: tl.constexpr, UNIT: tl.constexpr,
     UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PACKED: tl.constexpr,
+    DK1: tl.constexpr, DK2: tl.constexpr, BLOCK_DV: tl.constexpr, PACKED: tl.constexpr,
     PRECISION: tl.constexpr, MODE: tl.constexpr,
 ):
     """The forward from one key block of one KV head and one piece of its query list (work
@@ -396,7 +404,8 @@ def _fwd_key_major_kernel(
     lse = bound + log2(l_acc).
     MODE 0 and 1 (two launches, for bounds too loose for fp32): first the log-sum-exp of
     each row over this block's visible keys into part_lse [E, KV_PER_OWNER * UNIT], then,
-    with the rows' combined lse, the normalised P V added into o_acc."""
+    with the rows' combined lse, the normalised P V added into o_acc. DK is held in its two
+    parts DK1 + DK2."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
     if seg < 0:  # padding (see `split_work`)
@@ -408,11 +417,10 @@ def _fwd_key_major_kernel(
         seg, kv_sub, tiles, cu_seqlens, seq_len, num_blocks, q_offset,
         OWNERS, KV_PER_OWNER, BLOCK_SIZE, BLOCK_K, PACKED,
     )
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_rows = (bos + key).to(tl.int64) * stride_kt
-    k_tile = load_rows(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, offs_dk, DK,
-                        stride_kd)  # [BK, DK]
+    k1, k2 = load_parts(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, 0, DK, stride_kd,
+                        DK1, DK2)  # [BK, DK1|DK2]
     if MODE > 0:
         v_rows = (bos + key).to(tl.int64) * stride_vt
         v_tile = load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
@@ -423,9 +431,9 @@ def _fwd_key_major_kernel(
         entry, row_ok, tok, h = _list_rows(
             queries, step, end, hk, ROWS_Q, BLOCK_R, UNIT, UNIT_P, SEL_PER_OWNER, KV_GROUP
         )
-        q_t = load_rows(q_base, tok * stride_qt + h * stride_qh, row_ok, offs_dk, DK,
-                         stride_qd)  # [BR, DK]
-        s = tl.dot(q_t, tl.trans(k_tile), input_precision=PRECISION) * scale_log2  # [BR, BK]
+        q1, q2 = load_parts(q_base, tok * stride_qt + h * stride_qh, row_ok, 0, DK, stride_qd,
+                            DK1, DK2)  # [BR, DK1|DK2]
+        s = dot_parts(q1, q2, k1, k2, DK2, PRECISION) * scale_log2  # [BR, BK]
         visible = row_ok[:, None] & k_ok[None, :]
         visible = visible & (key[None, :] <= (q_offset + tok - bos)[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -482,11 +490,12 @@ def _dq_kernel(
     UNIT_P: tl.constexpr, KV_GROUP: tl.constexpr, SEL_GROUP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     PACKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ of BLOCK_Q queries x one unit of heads (x one DK tile); the `o` strides are dO's."""
+    """dQ of BLOCK_Q queries x one unit of heads (x one DK tile, in parts DK1 + DK2); the `o`
+    strides are dO's."""
     pid_tile = tl.program_id(0)
     pid_dk = tl.program_id(2)
     b = (tl.program_id(1) // UNITS).to(tl.int64)
@@ -517,15 +526,15 @@ def _dq_kernel(
     delta_row = tl.load(delta + row_off, mask=row_ok, other=0.0)
 
     offs_k = tl.arange(0, BLOCK_K)
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    cols_k = pid_dk * TILE_DK + tl.arange(0, TILE_DK)
+    col0 = pid_dk * DK1  # the accumulator tile's first column
     if NUM_DK == 1:
-        q_tile = load_rows(q_base, q_rows, row_ok, offs_dk, DK, stride_qd)  # [BR, DK]
+        q1, q2 = load_parts(q_base, q_rows, row_ok, 0, DK, stride_qd, DK1, DK2)  # [BR, DK1|DK2]
     if NUM_DV == 1:
         do_tile = load_rows(do_base, do_rows, row_ok, offs_dv, DV, stride_od)  # [BR, DV]
 
-    acc = tl.zeros([BLOCK_R, TILE_DK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_R, DK1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_R, DK2 if DK2 > 0 else 16], dtype=tl.float32)
     for j in range(0, tl.load(counts + sel_row)):
         block = tl.load(union_row + j)
         chose = ((tl.load(member_row + j) >> row_q) & 1) != 0
@@ -533,12 +542,9 @@ def _dq_kernel(
         k_ok = (offs_k < BLOCK_SIZE) & (key < length + q_offset)
         k_rows = (bos + key).to(tl.int64) * stride_kt
         v_rows = (bos + key).to(tl.int64) * stride_vt
-        k_tile = tl.load(
-            k_base + k_rows[:, None] + cols_k[None, :] * stride_kd,
-            mask=k_ok[:, None] & (cols_k < DK)[None, :], other=0.0,
-        )  # [BK, TILE_DK]: the whole DK when NUM_DK == 1
+        k1, k2 = load_parts(k_base, k_rows, k_ok, col0, DK, stride_kd, DK1, DK2)  # [BK, DK1|DK2]
         if NUM_DK == 1:
-            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+            s = dot_parts(q1, q2, k1, k2, DK2, PRECISION)  # [BR, BK]
         else:
             s = dot_rows(
                 q_base, q_rows, row_ok, stride_qd, k_base, k_rows, k_ok, stride_kd,
@@ -558,15 +564,24 @@ def _dq_kernel(
         visible = (chose & row_ok)[:, None] & k_ok[None, :]
         visible = visible & (key[None, :] <= q_offset + t[:, None])
         p = tl.where(visible, tl.exp2(s * scale_log2 - lse_row[:, None]), 0.0)  # [BR, BK]
-        ds = p * (dp - delta_row[:, None])
-        acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+        ds = (p * (dp - delta_row[:, None])).to(k1.dtype)
+        acc1 += tl.dot(ds, k1, input_precision=PRECISION)
+        if DK2 > 0:
+            acc2 += tl.dot(ds, k2, input_precision=PRECISION)
 
-    dq_ptr = (
-        dq + b * stride_dqb + (tok * stride_dqt + h * stride_dqh)[:, None]
-        + cols_k[None, :] * stride_dqd
-    )
-    mask = row_ok[:, None] & (cols_k < DK)[None, :]
-    tl.store(dq_ptr, (acc * scale).to(dq.dtype.element_ty), mask=mask)
+    store_parts(dq + b * stride_dqb, tok * stride_dqt + h * stride_dqh, row_ok, col0, DK,
+                stride_dqd, acc1 * scale, acc2 * scale, DK1, DK2)
+
+
+@triton.jit
+def _add_dq(dq_rows, row_ok, ds_t, k_part, scale, COL0: tl.constexpr, DK: tl.constexpr,
+            WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+    """dq_rows[:, COL0 + c] += scale (dS^T K_part)[:, c] with relaxed fp32 atomics; dq_rows
+    [BR, 1] points at the rows of the fp32 dQ buffer."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    dq_part = tl.dot(ds_t, k_part, input_precision=PRECISION) * scale  # [BR, WIDTH]
+    tl.atomic_add(dq_rows + cols[None, :], dq_part, mask=row_ok[:, None] & (cols < DK)[None, :],
+                  sem="relaxed")
 
 
 @triton.jit
@@ -585,7 +600,7 @@ def _dkv_kernel(
     SEL_PER_OWNER: tl.constexpr, KV_GROUP: tl.constexpr, UNIT: tl.constexpr,
     UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, TILE_DK: tl.constexpr,
+    BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, TILE_DV: tl.constexpr,
     PACKED: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
@@ -593,8 +608,9 @@ def _dkv_kernel(
     block's query list. Work item: (segment, first entry, end, partial slot or -1); segment =
     (b * OWNERS + owner) * num_blocks + block. A list entry is token * SEL_PER_OWNER + the
     selection head inside the owner; each step takes ROWS_Q entries x UNIT heads as rows.
-    With DQ_ATOMIC (whole head dims only) each step also adds its rows' dQ share, dS K, into
-    the fp32 [B, T, HQ, DK] buffer `dq_acc`."""
+    The dK tile is held in its two parts DK1 + DK2. With DQ_ATOMIC (whole head dims only)
+    each step also adds its rows' dQ share, dS K, into the fp32 [B, T, HQ, DK] buffer
+    `dq_acc`."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
     if seg < 0:  # padding (see `split_work`)
@@ -613,18 +629,18 @@ def _dkv_kernel(
     v_base = v + b * stride_vb + hk * stride_vh
     k_rows = (bos + key).to(tl.int64) * stride_kt
     v_rows = (bos + key).to(tl.int64) * stride_vt
-    offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    cols_k = acc_tile * TILE_DK + tl.arange(0, TILE_DK)
+    col0 = acc_tile * DK1  # the dK tile's first column
     cols_v = acc_tile * TILE_DV + tl.arange(0, TILE_DV)
     if NUM_DK == 1:
-        k_tile = load_rows(k_base, k_rows, k_ok, offs_dk, DK, stride_kd)  # [BK, DK]
+        k1, k2 = load_parts(k_base, k_rows, k_ok, 0, DK, stride_kd, DK1, DK2)  # [BK, DK1|DK2]
     if NUM_DV == 1:
         v_tile = load_rows(v_base, v_rows, k_ok, offs_dv, DV, stride_vd)  # [BK, DV]
 
     q_base = q + b * stride_qb
     do_base = do + b * stride_ob
-    dk_acc = tl.zeros([BLOCK_K, TILE_DK], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_K, DK1], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_K, DK2 if DK2 > 0 else 16], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_K, TILE_DV], dtype=tl.float32)
     for step in range(lo, end, ROWS_Q):
         _, row_ok, tok, h = _list_rows(
@@ -635,16 +651,13 @@ def _dkv_kernel(
         row_off = (b * seq_len + tok) * HQ + h
         lse_row = _saved_lse(lse, row_off, row_ok)
         delta_row = tl.load(delta + row_off, mask=row_ok, other=0.0)
-        q_t = tl.load(
-            q_base + q_rows[:, None] + cols_k[None, :] * stride_qd,
-            mask=row_ok[:, None] & (cols_k < DK)[None, :], other=0.0,
-        )  # [BR, TILE_DK]: the whole DK when NUM_DK == 1
+        q1, q2 = load_parts(q_base, q_rows, row_ok, col0, DK, stride_qd, DK1, DK2)
         do_t = tl.load(
             do_base + do_rows[:, None] + cols_v[None, :] * stride_od,
             mask=row_ok[:, None] & (cols_v < DV)[None, :], other=0.0,
         )  # [BR, TILE_DV]
         if NUM_DK == 1:
-            s = tl.dot(k_tile, tl.trans(q_t), input_precision=PRECISION)  # [BK, BR]
+            s = dot_parts(k1, k2, q1, q2, DK2, PRECISION)  # [BK, BR]
         else:
             s = dot_rows(
                 k_base, k_rows, k_ok, stride_kd, q_base, q_rows, row_ok, stride_qd,
@@ -661,30 +674,30 @@ def _dkv_kernel(
         visible = visible & (key[:, None] <= (q_offset + tok - bos)[None, :])
         p = tl.where(visible, tl.exp2(s * scale_log2 - lse_row[None, :]), 0.0)  # [BK, BR]
         dv_acc += tl.dot(p.to(do_t.dtype), do_t, input_precision=PRECISION)
-        ds = p * (dp - delta_row[None, :])
-        dk_acc += tl.dot(ds.to(q_t.dtype), q_t, input_precision=PRECISION)
+        ds = (p * (dp - delta_row[None, :])).to(q1.dtype)
+        dk1 += tl.dot(ds, q1, input_precision=PRECISION)
+        if DK2 > 0:
+            dk2 += tl.dot(ds, q2, input_precision=PRECISION)
         if DQ_ATOMIC:
-            dq_rows = tl.dot(tl.trans(ds.to(k_tile.dtype)), k_tile, input_precision=PRECISION)
-            dq_ptr = dq_acc + row_off[:, None] * DK + offs_dk[None, :]
-            tl.atomic_add(dq_ptr, dq_rows * scale, mask=row_ok[:, None] & (offs_dk < DK)[None, :],
-                          sem="relaxed")
+            _add_dq(dq_acc + row_off[:, None] * DK, row_ok, tl.trans(ds), k1, scale, 0, DK, DK1,
+                    PRECISION)
+            if DK2 > 0:
+                _add_dq(dq_acc + row_off[:, None] * DK, row_ok, tl.trans(ds), k2, scale, DK1, DK,
+                        DK2, PRECISION)
 
     # The whole list: the gradient itself. A piece of it: an fp32 partial sum in `slot`.
-    mask_k = k_ok[:, None] & (cols_k < DK)[None, :]
     mask_v = k_ok[:, None] & (cols_v < DV)[None, :]
-    dk_acc = dk_acc * scale
     if slot < 0:
         tok_k = (bos + key).to(tl.int64)
-        dk_ptr = dk + b * stride_dkb + hk * stride_dkh + tok_k[:, None] * stride_dkt
+        store_parts(dk + b * stride_dkb + hk * stride_dkh, tok_k * stride_dkt, k_ok, col0, DK,
+                    stride_dkd, dk1 * scale, dk2 * scale, DK1, DK2)
         dv_ptr = dv + b * stride_dvb + hk * stride_dvh + tok_k[:, None] * stride_dvt
-        tl.store(dk_ptr + cols_k[None, :] * stride_dkd, dk_acc.to(dk.dtype.element_ty),
-                 mask=mask_k)
         tl.store(dv_ptr + cols_v[None, :] * stride_dvd, dv_acc.to(dv.dtype.element_ty),
                  mask=mask_v)
     else:
-        pk_ptr = part_k + slot * stride_pks + kv_sub * stride_pkh + offs_k[:, None] * stride_pkt
+        store_parts(part_k + slot * stride_pks + kv_sub * stride_pkh, offs_k * stride_pkt, k_ok,
+                    col0, DK, stride_pkd, dk1 * scale, dk2 * scale, DK1, DK2)
         pv_ptr = part_v + slot * stride_pvs + kv_sub * stride_pvh + offs_k[:, None] * stride_pvt
-        tl.store(pk_ptr + cols_k[None, :] * stride_pkd, dk_acc, mask=mask_k)
         tl.store(pv_ptr + cols_v[None, :] * stride_pvd, dv_acc, mask=mask_v)
 
 
@@ -986,7 +999,8 @@ def attention_forward(
         q, k, v, o, lse, union, members, counts, tiles, prob.layout.cu_seqlens,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         seqlen, n_tiles, union.shape[-1], prob.layout.q_offset, prob.scale * LOG2E,
-        DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, TILE_DV=vsplit.tile,
+        DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, DK1=ksplit.parts[0],
+        DK2=ksplit.parts[1], TILE_DV=vsplit.tile,
         PACKED=prob.layout.packed, PRECISION=dot_precision(q.dtype),
         num_warps=prob.cfg.num_warps, num_stages=prob.cfg.num_stages,
         **prob.unit_constants(),
@@ -1052,7 +1066,7 @@ def attention_forward_key_major(
         UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size, DK=dk, DV=dv,
         ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
         BLOCK_K=max(16, triton.next_power_of_2(prob.block_size)),
-        BLOCK_DK=cfg.split(dk).block, BLOCK_DV=cfg.split(dv).block,
+        DK1=cfg.split(dk).parts[0], DK2=cfg.split(dk).parts[1], BLOCK_DV=cfg.split(dv).block,
         PACKED=layout.packed, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1124,7 +1138,8 @@ def attention_backward(
     )
 
     common = dict(
-        DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks,
+        DK=dk, DV=dv, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, DK1=ksplit.parts[0],
+        DK2=ksplit.parts[1],
         BLOCK_DV=vsplit.block, NUM_DV=vsplit.chunks, PACKED=layout.packed, PRECISION=precision,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
     )
@@ -1139,7 +1154,7 @@ def attention_backward(
             q, k, v, do, lse, delta, dq, union, members, counts, tiles, layout.cu_seqlens,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             seqlen, n_tiles, union.shape[-1], layout.q_offset, prob.scale, prob.scale * LOG2E,
-            TILE_DK=ksplit.tile, **prob.unit_constants(), **common,
+            **prob.unit_constants(), **common,
         )
 
     acc_tiles = max(ksplit.tiles, vsplit.tiles)
@@ -1167,7 +1182,7 @@ def attention_backward(
         UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size,
         ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
         BLOCK_K=block_k,
-        TILE_DK=ksplit.tile, TILE_DV=vsplit.tile, DQ_ATOMIC=key_major, **common,
+        TILE_DV=vsplit.tile, DQ_ATOMIC=key_major, **common,
     )
     if key_major:
         dq.copy_(dq_acc)

@@ -34,7 +34,7 @@ from ..compressed_attention.triton_op import (
     _doc_bounds,
     compressed_lse,
 )
-from ..tiles import dot_precision, dot_rows, head_split
+from ..tiles import dot_parts, dot_precision, dot_rows, head_split, load_parts
 from ..utils import softmax_scale
 
 
@@ -118,8 +118,8 @@ def _select_kernel(
     QUERY_BLOCK: tl.constexpr, QUERY_BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, LOG_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    DK: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr,
-    PACKED: tl.constexpr, PRECISION: tl.constexpr,
+    DK: tl.constexpr, BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr,
+    DK2: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Top-n selection blocks of BLOCK_M query blocks for one selection group.
 
@@ -159,10 +159,15 @@ def _select_kernel(
             h = (group * GROUP_SEL + g).to(tl.int64)
             q_base = q + b * stride_qb + h * stride_qh
             k_base = k + b * stride_kb + (h // GROUP_KV) * stride_kh
-            s = dot_rows(
-                q_base, q_rows, block_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
-                DK, BLOCK_DK, NUM_DK, BLOCK_M, BLOCK_C, PRECISION,
-            )
+            if NUM_DK == 1:  # a whole DK in its two parts DK1 + DK2
+                q1, q2 = load_parts(q_base, q_rows, block_ok, 0, DK, stride_qd, DK1, DK2)
+                k1, k2 = load_parts(k_base, k_rows, i_ok, 0, DK, stride_kd, DK1, DK2)
+                s = dot_parts(q1, q2, k1, k2, DK2, PRECISION)  # [BM, BC]
+            else:
+                s = dot_rows(
+                    q_base, q_rows, block_ok, stride_qd, k_base, k_rows, i_ok, stride_kd,
+                    DK, BLOCK_DK, NUM_DK, BLOCK_M, BLOCK_C, PRECISION,
+                )
             lse_t = tl.load(
                 lse + b * stride_lb + l_rows + h * stride_lh, mask=block_ok, other=0.0
             )
@@ -253,7 +258,8 @@ def select_blocks(
         QUERY_BLOCK=qb, QUERY_BLOCK_P=triton.next_power_of_2(qb),
         BLOCK_M=block_m, WIDTH=width, LOG_W=width.bit_length() - 1,
         BLOCK_C=max(16, triton.next_power_of_2(width * (select_block_size // stride))),
-        DK=dk, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks,
+        DK=dk, BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, DK1=ksplit.parts[0],
+        DK2=ksplit.parts[1],
         PACKED=layout.packed, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

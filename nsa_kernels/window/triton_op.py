@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tiles import split_key_dim
 from ..utils import softmax_scale
 from . import reference
 
@@ -67,15 +68,6 @@ def block_config(dk: int, dv: int, element_size: int = 2) -> Blocks:
     if width <= 256:
         return Blocks(Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 8, 2))
     return Blocks(Tiles(32, 32, 8, 1), Tiles(32, 16, 8, 1), Tiles(16, 16, 8, 1))
-
-
-def split_key_dim(dk: int) -> tuple[int, int]:
-    """Two power-of-two widths covering dk, each >= 16 (tl.dot); the second may be 0."""
-    if dk <= 16:
-        return 16, 0
-    first = 1 << (dk.bit_length() - 1)
-    rest = dk - first
-    return first, 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
 
 
 def head_tiles(dk: int, dv: int) -> dict[str, int]:

@@ -142,6 +142,16 @@ def test_gpu_tile_sizes_in_interpreter(dims):
     assert_matches_reference(q, k, v, (8, 4), tiles=tiles)
 
 
+@pytest.mark.parametrize("dk", [48, 40])
+def test_whole_key_dim_in_two_parts(dk):
+    """DK = 48 held as 32 + 16 and DK = 40 as 32 + 16 (the second part masked past 40) in
+    the forward, dQ and dK/dV kernels, dK/dV over 2 query splits."""
+    tiles = triton_op.TileConfig(block_t=16, block_n=16, num_stages=1, dkv_splits=2)
+    assert tiles.split(dk).parts == (32, 16)
+    q, k, v = make_inputs(2, 45, (4, 2), (dk, 16), (8, 4), seed=dk)
+    assert_matches_reference(q, k, v, (8, 4), tiles=tiles, scale=0.3)
+
+
 def test_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(5)
     block = (4, 2)

@@ -349,6 +349,19 @@ def test_split_head_dims():
     assert_matches_reference(q, k, v, indices, 4, tiles=tiles)
 
 
+@pytest.mark.parametrize("key_major", [True, False], ids=["key-major", "query-major"])
+@pytest.mark.parametrize("dk", [48, 40])
+def test_whole_key_dim_in_two_parts(dk, key_major):
+    """DK = 48 held as 32 + 16 and DK = 40 as 32 + 16 (the second part masked past 40), in
+    every kernel: both forwards, dQ by query tiles and dQ added from the key blocks."""
+    tiles = triton_op.TileConfig(block_q=4, dkv_rows=16, key_rows=16, num_stages=1,
+                                 key_major=key_major)
+    assert tiles.split(dk).parts == (32, 16)
+    q, k, v = make_qkv(1, 19, (4, 4, 2), (dk, 16), seed=dk)
+    indices = random_indices(1, 19, 2, 3, 4, forced=True, seed=dk)
+    assert_matches_reference(q, k, v, indices, 4, tiles=tiles, scale=0.3)
+
+
 def test_latent_absorbed_head_dims():
     """DK = 576, DV = 512 (d_c' + d_R and the latent): wider than one register tile."""
     q, k, v = make_qkv(1, 10, (4, 1, 1), (576, 512), seed=7)

@@ -202,14 +202,6 @@ def test_latent_absorbed_dims():
     assert_matches_reference(q, k, v, 9)
 
 
-def test_split_key_dim():
-    assert triton_op.split_key_dim(192) == (128, 64)  # MLA: no padding
-    assert triton_op.split_key_dim(576) == (512, 64)  # absorbed MLA latent + RoPE
-    assert triton_op.split_key_dim(24) == (16, 16)
-    assert triton_op.split_key_dim(128) == (128, 0)
-    assert triton_op.split_key_dim(8) == (16, 0)
-
-
 def test_rejects_too_large_head_dim():
     q = torch.zeros(1, 4, 1, triton_op.MAX_HEAD_DIM + 1)
     v = torch.zeros(1, 4, 1, 8)
