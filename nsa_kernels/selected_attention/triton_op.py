@@ -574,14 +574,19 @@ def _dq_kernel(
 
 
 @triton.jit
-def _add_dq(dq_rows, row_ok, ds_t, k_part, scale, COL0: tl.constexpr, DK: tl.constexpr,
-            WIDTH: tl.constexpr, PRECISION: tl.constexpr):
-    """dq_rows[:, COL0 + c] += scale (dS^T K_part)[:, c] with relaxed fp32 atomics; dq_rows
-    [BR, 1] points at the rows of the fp32 dQ buffer."""
-    cols = COL0 + tl.arange(0, WIDTH)
-    dq_part = tl.dot(ds_t, k_part, input_precision=PRECISION) * scale  # [BR, WIDTH]
+def _add_dq(dq_rows, row_ok, ds_t, k1, k2, scale, DK: tl.constexpr, DK1: tl.constexpr,
+            DK2: tl.constexpr, PRECISION: tl.constexpr):
+    """dq_rows[:, :DK] += scale dS^T K with relaxed fp32 atomics, K held in its two parts
+    (`load_parts`); dq_rows [BR, 1] points at the rows of the fp32 dQ buffer."""
+    cols = tl.arange(0, DK1)
+    dq_part = tl.dot(ds_t, k1, input_precision=PRECISION) * scale  # [BR, DK1]
     tl.atomic_add(dq_rows + cols[None, :], dq_part, mask=row_ok[:, None] & (cols < DK)[None, :],
                   sem="relaxed")
+    if DK2 > 0:
+        cols = DK1 + tl.arange(0, DK2)
+        dq_part = tl.dot(ds_t, k2, input_precision=PRECISION) * scale  # [BR, DK2]
+        tl.atomic_add(dq_rows + cols[None, :], dq_part,
+                      mask=row_ok[:, None] & (cols < DK)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -679,11 +684,8 @@ def _dkv_kernel(
         if DK2 > 0:
             dk2 += tl.dot(ds, q2, input_precision=PRECISION)
         if DQ_ATOMIC:
-            _add_dq(dq_acc + row_off[:, None] * DK, row_ok, tl.trans(ds), k1, scale, 0, DK, DK1,
-                    PRECISION)
-            if DK2 > 0:
-                _add_dq(dq_acc + row_off[:, None] * DK, row_ok, tl.trans(ds), k2, scale, DK1, DK,
-                        DK2, PRECISION)
+            _add_dq(dq_acc + row_off[:, None] * DK, row_ok, tl.trans(ds), k1, k2, scale, DK, DK1,
+                    DK2, PRECISION)
 
     # The whole list: the gradient itself. A piece of it: an fp32 partial sum in `slot`.
     mask_v = k_ok[:, None] & (cols_v < DV)[None, :]
