@@ -49,8 +49,9 @@ def shuffled(configs: list) -> list:
 
 def candidates_selected(default: slc_op.TileConfig) -> list[slc_op.TileConfig]:
     """The default (forward and dQ from the key blocks at these shapes), the query-major
-    passes with their default tile, then a sample of both kinds: rows per key-major step or
-    queries per query tile, dK/dV rows, warps and pipeline stages."""
+    passes with their default tile, the default with the query lists cut at other lengths
+    (`dkv_chunk`), then a sample of both kinds: rows per key-major step or queries per query
+    tile, dK/dV rows, warps and pipeline stages."""
     query_major = replace(default, key_major=False, block_q=4 * QB)
     rest = []
     for rows, dkv_rows, warps, bwd_warps, stages in itertools.product(
@@ -61,7 +62,9 @@ def candidates_selected(default: slc_op.TileConfig) -> list[slc_op.TileConfig]:
         rest.append(replace(default, key_rows=rows, **common))
         rest.append(replace(query_major, block_q=rows // 8, **common))
     rest = [cfg for cfg in dict.fromkeys(rest) if cfg not in (default, query_major)]
-    return [default, query_major, *shuffled([default, *rest])[1:]]
+    chunks = [replace(default, dkv_chunk=c) for c in (1024, 2048, 4096, 8192, 65536)]
+    rest = [cfg for cfg in rest if cfg not in chunks]
+    return [default, query_major, *chunks, *shuffled([default, *rest])[1:]]
 
 
 def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
