@@ -63,7 +63,6 @@ def candidates_selected(default: slc_op.TileConfig) -> list[slc_op.TileConfig]:
         rest.append(replace(query_major, block_q=rows // 8, **common))
     rest = [cfg for cfg in dict.fromkeys(rest) if cfg not in (default, query_major)]
     chunks = [replace(default, dkv_chunk=c) for c in (1024, 2048, 4096, 8192, 65536)]
-    rest = [cfg for cfg in rest if cfg not in chunks]
     return [default, query_major, *chunks, *shuffled([default, *rest])[1:]]
 
 

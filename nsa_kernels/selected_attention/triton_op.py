@@ -1071,13 +1071,14 @@ def attention_forward_key_major(
     o_acc = torch.zeros(*rows, dv, dtype=torch.float32, device=q.device)
     block_table, _ = layout.tiles(prob.block_size, q.device)
     rows_q = max(1, cfg.key_rows // prob.unit_p)
+    ksplit = cfg.split(dk)
     launch = dict(
         HQ=heads, OWNERS=heads_layout.owners, KV_PER_OWNER=heads_layout.kv_per_owner,
         SEL_PER_OWNER=heads_layout.sel_per_owner, KV_GROUP=heads // heads_layout.kv_heads,
         UNIT=heads_layout.unit, UNIT_P=prob.unit_p, BLOCK_SIZE=prob.block_size, DK=dk, DV=dv,
         ROWS_Q=rows_q, BLOCK_R=max(16, triton.next_power_of_2(rows_q * prob.unit_p)),
         BLOCK_K=max(16, triton.next_power_of_2(prob.block_size)),
-        DK1=cfg.split(dk).parts[0], DK2=cfg.split(dk).parts[1], BLOCK_DV=cfg.split(dv).block,
+        DK1=ksplit.parts[0], DK2=ksplit.parts[1], BLOCK_DV=cfg.split(dv).block,
         PACKED=layout.packed, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
