@@ -19,11 +19,11 @@ Forward and dQ, key-major (units of fewer than 16 heads, whole head dims): the s
 over the same lists. The forward needs no running maximum: each row's scores are measured
 against an upper bound (Cauchy-Schwarz: ||q|| times the largest key norm of its KV head), so
 exp2(s - bound) never exceeds 1, and one launch adds each block's P V and the sum of P into
-fp32 buffers with relaxed atomics, divided out after. Where a row's sum of exp2(s - bound)
-is so small that its terms near fp32 underflow (BOUND_SLACK), the call takes two launches
-instead: the log-sum-exp of each (query, head) row over one block's keys, combined
-per row with torch ops, then P V with the normalised P. dQ adds dS K the same way inside the
-dK/dV program. A query gets one add per block it chose, so there is little contention, and
+fp32 buffers with relaxed atomics, divided out after. Rows whose sum of exp2(s - bound) is
+so small that its terms near fp32 underflow (BOUND_SLACK) are flagged on the device and
+summed again against their exact maxima (an atomic max pass), by two launches that do nothing
+when no row is flagged: nothing is read back to the host. dQ adds dS K the same way inside
+the dK/dV program. A query gets one add per block it chose, so there is little contention, and
 each chosen block is read once per list step instead of once per query.
 
 Forward and dQ, query-major (units of 16+ heads, which fill a tile's rows with one query's
@@ -381,7 +381,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_key_major_kernel(
-    q, k, v, lse, part_lse, o_acc, l_acc, l_dot, items, queries, tiles, cu_seqlens,
+    q, k, v, ref, o_acc, l_acc, l_dot, redo, redo_any, items, queries, tiles, cu_seqlens,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -391,25 +391,28 @@ def _fwd_key_major_kernel(
     UNIT_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     ROWS_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DK1: tl.constexpr, DK2: tl.constexpr, BLOCK_DV: tl.constexpr, PACKED: tl.constexpr,
-    PRECISION: tl.constexpr, MODE: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_MAX: tl.constexpr, REDO: tl.constexpr,
 ):
     """The forward from one key block of one KV head and one piece of its query list (work
-    items as for dK/dV). Rows are (entry, head); `lse` holds one base-2 value per
-    [B, T, HQ] row, whose softmax terms are exp2(s - lse[row]).
+    items as for dK/dV). Rows are (entry, head); `ref` holds one base-2 value per
+    [B, T, HQ] row, whose softmax terms are exp2(s - ref[row]), none above 1.
 
-    MODE 2 (one launch): `lse` is an upper bound of the row's scores, so no term exceeds 1;
-    this block's P V is added into the fp32 [B, T, HQ, DV] buffer o_acc, the sum of P into
-    l_acc and the sum of P as the dot product read it (in V's dtype) into l_dot (both
-    [B, T, HQ]); after, o = o_acc / l_dot (weights that sum to 1 exactly) and
-    lse = bound + log2(l_acc).
-    MODE 0 and 1 (two launches, for bounds too loose for fp32): first the log-sum-exp of
-    each row over this block's visible keys into part_lse [E, KV_PER_OWNER * UNIT], then,
-    with the rows' combined lse, the normalised P V added into o_acc. DK is held in its two
-    parts DK1 + DK2."""
+    Sums (ROW_MAX false): this block's P V is added into the fp32 [B, T, HQ, DV] buffer
+    o_acc, the sum of P into l_acc and the sum of P as the dot product read it (in V's dtype)
+    into l_dot (both [B, T, HQ]); after, o = o_acc / l_dot (weights that sum to 1 exactly)
+    and lse = ref + log2(l_acc).
+    Row maxima (ROW_MAX): the largest score of each row over this block's visible keys goes
+    into `ref` with an atomic max, which makes `ref` the rows' exact maxima for the sums.
+    REDO: only rows flagged in `redo` [B, T, HQ] take part, and the launch does nothing unless
+    `redo_any` is set, so the host need not read the flags back. DK is held in its two parts
+    DK1 + DK2."""
     item = items + 4 * tl.program_id(0).to(tl.int64)
     seg = tl.load(item)
     if seg < 0:  # padding (see `split_work`)
         return
+    if REDO:
+        if tl.load(redo_any) == 0:
+            return
     lo = tl.load(item + 1)
     end = tl.load(item + 2)
     kv_sub = tl.program_id(1)
@@ -421,7 +424,7 @@ def _fwd_key_major_kernel(
     k_rows = (bos + key).to(tl.int64) * stride_kt
     k1, k2 = load_parts(k + b * stride_kb + hk * stride_kh, k_rows, k_ok, 0, DK, stride_kd,
                         DK1, DK2)  # [BK, DK1|DK2]
-    if MODE > 0:
+    if not ROW_MAX:
         v_rows = (bos + key).to(tl.int64) * stride_vt
         v_tile = load_rows(v + b * stride_vb + hk * stride_vh, v_rows, k_ok, offs_dv, DV,
                             stride_vd)  # [BK, DV]
@@ -431,34 +434,28 @@ def _fwd_key_major_kernel(
         entry, row_ok, tok, h = _list_rows(
             queries, step, end, hk, ROWS_Q, BLOCK_R, UNIT, UNIT_P, SEL_PER_OWNER, KV_GROUP
         )
+        row_off = (b * seq_len + tok) * HQ + h
+        if REDO:
+            row_ok = row_ok & (tl.load(redo + row_off, mask=row_ok, other=0) != 0)
         q1, q2 = load_parts(q_base, tok * stride_qt + h * stride_qh, row_ok, 0, DK, stride_qd,
                             DK1, DK2)  # [BR, DK1|DK2]
         s = dot_parts(q1, q2, k1, k2, DK2, PRECISION) * scale_log2  # [BR, BK]
         visible = row_ok[:, None] & k_ok[None, :]
         visible = visible & (key[None, :] <= (q_offset + tok - bos)[:, None])
         s = tl.where(visible, s, float("-inf"))
-        if MODE > 0:
-            row_off = (b * seq_len + tok) * HQ + h
-            ref = _saved_lse(lse, row_off, row_ok)
-            p = tl.exp2(s - ref[:, None])
+        if ROW_MAX:
+            m = tl.max(s, axis=1)
+            tl.atomic_max(ref + row_off, m, mask=row_ok & (m > float("-inf")), sem="relaxed")
+        else:
+            p = tl.exp2(s - _saved_lse(ref, row_off, row_ok)[:, None])
             p_dot = p.to(v_tile.dtype)
             o_rows = tl.dot(p_dot, v_tile, input_precision=PRECISION)  # [BR, DV]
             o_ptr = o_acc + row_off[:, None] * DV + offs_dv[None, :]
             tl.atomic_add(o_ptr, o_rows, mask=row_ok[:, None] & (offs_dv < DV)[None, :],
                           sem="relaxed")
-            if MODE == 2:
-                tl.atomic_add(l_acc + row_off, tl.sum(p, axis=1), mask=row_ok, sem="relaxed")
-                tl.atomic_add(l_dot + row_off, tl.sum(p_dot.to(tl.float32), axis=1),
-                              mask=row_ok, sem="relaxed")
-        else:
-            m = tl.max(s, axis=1)
-            m_ref = tl.where(m == float("-inf"), 0.0, m)  # rows that see no key here
-            l_row = tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
-            part = tl.where(l_row > 0, m_ref + tl.log2(tl.where(l_row > 0, l_row, 1.0)),
-                            float("-inf"))
-            g = tl.arange(0, BLOCK_R) % UNIT_P  # head inside the unit
-            col = entry.to(tl.int64) * (KV_PER_OWNER * UNIT) + kv_sub * UNIT + g
-            tl.store(part_lse + col, part, mask=row_ok)
+            tl.atomic_add(l_acc + row_off, tl.sum(p, axis=1), mask=row_ok, sem="relaxed")
+            tl.atomic_add(l_dot + row_off, tl.sum(p_dot.to(tl.float32), axis=1),
+                          mask=row_ok, sem="relaxed")
 
 
 @triton.jit
@@ -823,13 +820,10 @@ def inverse_index(
     block_size: int,
     heads: HeadLayout,
     layout: SeqLayout,
-    with_positions: bool = True,
-) -> tuple[InverseIndex, torch.Tensor | None]:
+) -> InverseIndex:
     """For block_indices [B, T, HI, n]: segment (b * owners + owner) * num_blocks + block
     lists its entries in ascending order (int32 when they fit); only `usable_indices` count,
-    blocks numbered globally over the packed documents. Also returns positions int64
-    [B, T, HI, n], the entry of each choice (-1 if not usable), when asked: the two-launch
-    key-major forward combines per-entry results with them.
+    blocks numbered globally over the packed documents.
 
     No host synchronisation: `entries` keeps one slot per choice, B * T * HI * n, the
     unusable ones sorted after `offsets[-1]`, where no list reaches them.
@@ -849,12 +843,7 @@ def inverse_index(
     entries = entry[None, :, :, None].expand_as(valid).flatten()[order].to(entry_dtype)
     bounds = torch.arange(num_segments + 1, device=device)
     offsets = torch.searchsorted(segment, bounds)  # entries of segments before each one
-    index = InverseIndex(offsets, entries, num_blocks, valid.any(-1))
-    if not with_positions:
-        return index, None
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=device)
-    return index, torch.where(valid, rank.view(valid.shape), -1)
+    return InverseIndex(offsets, entries, num_blocks, valid.any(-1))
 
 
 def split_work(
@@ -1019,23 +1008,11 @@ def attention_forward(
     return o, lse
 
 
-def combine_lse(part_lse: torch.Tensor, positions: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows' log-sum-exp [B, T, HQ] (base 2, -inf where no key is seen) from the per-entry
-    ones part_lse [E, C]: a row's n choices sit at `positions` [B, T, HI, n], its head at
-    column h % C of selection head h // C."""
-    parts = part_lse[positions.clamp(min=0)]  # [B, T, HI, n, C]
-    parts = parts.masked_fill((positions < 0)[..., None], float("-inf"))
-    top = parts.amax(dim=3, keepdim=True)  # [B, T, HI, 1, C]
-    top = torch.where(torch.isinf(top), 0.0, top)
-    lse = top.squeeze(3) + torch.log2(torch.exp2(parts - top).sum(dim=3))
-    return lse.reshape(*positions.shape[:2], heads)
-
-
 BOUND_SLACK = 64.0
-"""How far (base 2) a row's scores may sit below its bound in the one-launch key-major
-forward: while its sum of exp2(s - bound) is at least 2^-64, a term fp32 loses to underflow
-(below 2^-126) is at most 2^-62 of the sum. A call with a row whose sum is smaller runs the
-two-launch forward instead."""
+"""How far (base 2) a row's scores may sit below its bound in the key-major forward: while
+its sum of exp2(s - bound) is at least 2^-64, a term fp32 loses to underflow (below 2^-126)
+is at most 2^-62 of the sum. Rows with a smaller sum are summed again against their exact
+maximum."""
 
 
 def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -1050,25 +1027,25 @@ def score_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def attention_forward_key_major(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    work: KeyBlockWork,
-    block_indices: torch.Tensor,
-    prob: Problem,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: KeyBlockWork, prob: Problem
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-major forward, same results as `attention_forward`.
+    """Key-major forward, same results as `attention_forward`, without reading anything back
+    to the host.
 
-    One launch: each row's terms exp2(s - bound) (`score_bound`) and their P V are summed
-    over its chosen blocks with atomics, then divided out. When some row's sum of terms is
-    under 2^-BOUND_SLACK (or in fp16, whose P would lose bits), two: the per-entry
-    log-sum-exps, their combination per row, then the normalised P V."""
+    Each row's terms exp2(s - bound) (`score_bound`) and their P V are summed over its chosen
+    blocks with atomics, then divided out. Rows whose sum of terms is under 2^-BOUND_SLACK
+    (their terms near fp32 underflow) are flagged on the device, and two more launches, which
+    do nothing unless a row is flagged, take those rows' exact maxima and add their terms
+    against them: the sums the loose bound left are below 2^-64 of the new ones (at least 1),
+    so they need no clearing. In fp16, whose P would lose bits against a loose bound, every
+    row is summed against its exact maximum."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     layout, heads_layout, cfg = prob.layout, prob.heads, prob.cfg
     index, items = work.index, work.items
     rows = (batch, seqlen, heads)
     o_acc = torch.zeros(*rows, dv, dtype=torch.float32, device=q.device)
+    l_acc, l_dot = torch.zeros(2, *rows, dtype=torch.float32, device=q.device)
     block_table, _ = layout.tiles(prob.block_size, q.device)
     rows_q = max(1, cfg.key_rows // prob.unit_p)
     ksplit = cfg.split(dk)
@@ -1083,37 +1060,38 @@ def attention_forward_key_major(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    def run(lse: torch.Tensor, mode: int, part_lse=o_acc, l_acc=o_acc, l_dot=o_acc) -> None:
-        """One launch; buffers the mode does not touch default to o_acc."""
-        if items.shape[0]:
-            _fwd_key_major_kernel[(items.shape[0], heads_layout.kv_per_owner)](
-                q, k, v, lse, part_lse, o_acc, l_acc, l_dot, items, index.entries, block_table,
-                layout.cu_seqlens, *q.stride(), *k.stride(), *v.stride(),
-                seqlen, index.num_blocks, layout.q_offset, prob.scale * LOG2E,
-                MODE=mode, **launch,
-            )
+    def run(ref: torch.Tensor, row_max: bool, redo: tuple[torch.Tensor, ...] = ()) -> None:
+        """One launch over every work item; with `redo` (uint8 flags [B, T, HQ] and their
+        maximum), over the flagged rows only."""
+        if not items.shape[0]:
+            return
+        flags, any_flag = redo or (l_acc, l_acc)  # not read without REDO
+        _fwd_key_major_kernel[(items.shape[0], heads_layout.kv_per_owner)](
+            q, k, v, ref, o_acc, l_acc, l_dot, flags, any_flag, items, index.entries,
+            block_table, layout.cu_seqlens, *q.stride(), *k.stride(), *v.stride(),
+            seqlen, index.num_blocks, layout.q_offset, prob.scale * LOG2E,
+            ROW_MAX=row_max, REDO=bool(redo), **launch,
+        )
 
-    if q.dtype != torch.float16:
+    # Rows that see a key (index.chosen is per selection head).
+    seen = index.chosen.repeat_interleave(heads // index.chosen.shape[2], dim=2)
+    row_max = torch.full(rows, -math.inf, dtype=torch.float32, device=q.device)
+    if q.dtype == torch.float16:
+        run(row_max, row_max=True)
+        ref = row_max
+        run(ref, row_max=False)
+    else:
         bound = score_bound(q, k, prob.scale)
-        l_acc, l_dot = torch.zeros(2, *rows, dtype=torch.float32, device=q.device)
-        run(bound, 2, l_acc=l_acc, l_dot=l_dot)
-        # Rows that see a key; sum P >= its largest term, so a larger sum is far from underflow.
-        seen = index.chosen.repeat_interleave(heads // index.chosen.shape[2], dim=2)
-        if not bool((seen & (l_acc < 2.0**-BOUND_SLACK)).any()):
-            lse = torch.where(seen, bound + torch.log2(torch.where(seen, l_acc, 1.0)), -math.inf)
-            return (o_acc / torch.where(seen, l_dot, 1.0)[..., None]).to(q.dtype), lse
-        o_acc.zero_()
-    _, positions = inverse_index(
-        block_indices, prob.block_size, heads_layout, layout, with_positions=True
-    )
-    columns = heads_layout.kv_per_owner * heads_layout.unit
-    part_lse = torch.empty(
-        max(index.entries.numel(), 1), columns, dtype=torch.float32, device=q.device
-    )
-    run(o_acc, 0, part_lse=part_lse)  # the first launch reads no lse
-    lse = combine_lse(part_lse, positions, heads)
-    run(lse, 1)
-    return o_acc.to(q.dtype), lse
+        run(bound, row_max=False)
+        # sum P >= its largest term, so a row with a larger sum is far from underflow.
+        redo = seen & (l_acc < 2.0**-BOUND_SLACK)
+        flags = redo.view(torch.uint8)
+        redo_rows = (flags, flags.amax())
+        run(row_max, row_max=True, redo=redo_rows)
+        ref = torch.where(redo, row_max, bound)
+        run(ref, row_max=False, redo=redo_rows)
+    lse = torch.where(seen, ref + torch.log2(torch.where(seen, l_acc, 1.0)), -math.inf)
+    return (o_acc / torch.where(seen, l_dot, 1.0)[..., None]).to(q.dtype), lse
 
 
 def attention_backward(
@@ -1171,9 +1149,7 @@ def attention_backward(
 
     acc_tiles = max(ksplit.tiles, vsplit.tiles)
     if work is None:
-        index, _ = inverse_index(
-            block_indices, prob.block_size, heads_layout, layout, with_positions=False
-        )
+        index = inverse_index(block_indices, prob.block_size, heads_layout, layout)
         work = KeyBlockWork.build(index, cfg, heads_layout.kv_per_owner * acc_tiles, q.device)
     entries, num_blocks = work.index.entries, work.index.num_blocks
     items, splits, num_slots = work.items, work.splits, work.num_slots
@@ -1221,11 +1197,9 @@ class SelectedAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_indices, prob):
         ctx.prob = prob
         if prob.key_major(q.shape[-1], v.shape[-1]):
-            index, _ = inverse_index(
-                block_indices, prob.block_size, prob.heads, prob.layout, with_positions=False
-            )
+            index = inverse_index(block_indices, prob.block_size, prob.heads, prob.layout)
             work = KeyBlockWork.build(index, prob.cfg, prob.heads.kv_per_owner, q.device)
-            o, lse = attention_forward_key_major(q, k, v, work, block_indices, prob)
+            o, lse = attention_forward_key_major(q, k, v, work, prob)
             ctx.num_blocks, ctx.num_slots = index.num_blocks, work.num_slots
             ctx.save_for_backward(
                 q, k, v, o, lse, block_indices, index.offsets, index.entries, work.items,
