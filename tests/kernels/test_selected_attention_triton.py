@@ -427,6 +427,18 @@ def test_inverse_index_lists_every_choice_once():
     assert index.chosen[0, :, 0].tolist() == [True] * 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dim", [16, 96, 576])
+def test_row_norms_of_strided_rows(dim, dtype):
+    """The score bound's norms: fp32 L2 norms over the last dim of [B, T, H, D] views with
+    their own strides (a slice, heads before tokens), widths over one chunk included."""
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(2, 3, 7, dim + 8, generator=gen).to(dtype)
+    for view in (x[..., 8:], x.transpose(1, 2)[..., :dim]):
+        expected = torch.linalg.vector_norm(view.float(), dim=-1)
+        torch.testing.assert_close(triton_op.row_norms(view), expected)
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 100])
 def test_split_work_cuts_each_list_and_pads_the_rest(chunk):
     """Every segment's list [offsets[s], offsets[s+1]) is covered once by its items, in
