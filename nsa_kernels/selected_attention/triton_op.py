@@ -431,7 +431,7 @@ def _fwd_key_major_kernel(
 
     q_base = q + b * stride_qb
     for step in range(lo, end, ROWS_Q):
-        entry, row_ok, tok, h = _list_rows(
+        _, row_ok, tok, h = _list_rows(
             queries, step, end, hk, ROWS_Q, BLOCK_R, UNIT, UNIT_P, SEL_PER_OWNER, KV_GROUP
         )
         row_off = (b * seq_len + tok) * HQ + h
