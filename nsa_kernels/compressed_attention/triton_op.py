@@ -127,12 +127,19 @@ class SeqLayout:
     def tiles(
         self, block: int, device: torch.device, compressed: bool = False
     ) -> tuple[torch.Tensor | None, int]:
-        """(table, grid size): the table's rows are (document, tile within the document);
-        without packing there is no table and program i handles tile i of every row."""
+        """(table, tiles per row): the table's rows are (document, tile within the document),
+        the tiles with the most work first (query tiles: the last ones of long documents;
+        compressed-key tiles: the first ones, seen by the most queries), so the kernels launch
+        them first and the short ones fill in behind. Without packing there is no table: the
+        kernels take the tiles of every row in that order themselves."""
         lengths = self.cmp_lengths if compressed else self.lengths
         if not self.packed:
             return None, triton.cdiv(lengths[0], block)
         rows = [(d, i) for d, n in enumerate(lengths) for i in range(triton.cdiv(n, block))]
+        if compressed:
+            rows.sort(key=lambda row: lengths[row[0]] - row[1] * block, reverse=True)
+        else:
+            rows.sort(key=lambda row: min((row[1] + 1) * block, lengths[row[0]]), reverse=True)
         table = torch.tensor(rows, dtype=torch.int32).view(-1, 2).to(device)
         return table, len(rows)
 
@@ -157,6 +164,16 @@ def _num_visible(t, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     return tl.where(t >= CMP_BLOCK - 1, (t - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
 
 
+@triton.jit
+def _query_tile_program(num_tiles, num_bh, NUM_TILES: tl.constexpr):
+    """(rank, batch x head, accumulator tile) of a query-tile program. One axis, rank slowest:
+    programs launch in that order, and rank 0 is the tile with the most visible blocks (the
+    last of the sequence), so the long programs start first instead of ending the pass."""
+    per_tile = num_bh * NUM_TILES
+    rest = tl.program_id(0) % per_tile
+    return tl.program_id(0) // per_tile, rest // NUM_TILES, rest % NUM_TILES
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
@@ -169,24 +186,23 @@ def _fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lt, stride_lh,
-    seq_len, num_cmp, q_offset, scale_log2,
+    seq_len, num_cmp, q_offset, scale_log2, num_tiles, num_bh,
     HQ: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
-    TILE_DV: tl.constexpr, PACKED: tl.constexpr, WITH_OUTPUT: tl.constexpr,
+    TILE_DV: tl.constexpr, NUM_TILES: tl.constexpr, PACKED: tl.constexpr,
+    WITH_OUTPUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One query tile of one head (x one DV tile): o and lse, or lse alone. A whole DK is
     held in its two parts DK1 + DK2 (`split_key_dim`)."""
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_dv = tl.program_id(2)
+    rank, pid_bh, pid_dv = _query_tile_program(num_tiles, num_bh, NUM_TILES)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, pid_tile)
+        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
     else:
-        tile, bos, length, cbos, n_cmp = pid_tile, 0, seq_len, 0, num_cmp
+        tile, bos, length, cbos, n_cmp = num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
 
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # positions inside the sequence
     t_ok = t < length
@@ -276,24 +292,22 @@ def _dq_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_lb, stride_lt, stride_lh,
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    seq_len, num_cmp, q_offset, scale, scale_log2,
+    seq_len, num_cmp, q_offset, scale, scale_log2, num_tiles, num_bh,
     HQ: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr, NUM_TILES: tl.constexpr,
     PACKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ of one query tile of one head (x one DK tile, in parts DK1 + DK2); the `o` strides
     are dO's."""
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_dk = tl.program_id(2)
+    rank, pid_bh, pid_dk = _query_tile_program(num_tiles, num_bh, NUM_TILES)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, pid_tile)
+        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
     else:
-        tile, bos, length, cbos, n_cmp = pid_tile, 0, seq_len, 0, num_cmp
+        tile, bos, length, cbos, n_cmp = num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
 
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < length
@@ -365,7 +379,7 @@ def _dkv_kernel(
     stride_lb, stride_lt, stride_lh,
     stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvs, stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-    seq_len, num_cmp, q_offset, scale, scale_log2,
+    seq_len, num_cmp, q_offset, scale, scale_log2, num_bh,
     HK: tl.constexpr, GROUP: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
@@ -375,19 +389,22 @@ def _dkv_kernel(
 ):
     """dK/dV of one compressed-key tile of one KV head, over one part of its query range.
 
-    Axis 2 enumerates (split, accumulator tile); results go to dk[split], dv[split]. The dK
-    tile is held in its two parts DK1 + DK2.
+    Programs go tile by tile, the first tiles (seen by the most queries) first; within a tile
+    they enumerate (batch x KV head, split, accumulator tile). Results go to dk[split],
+    dv[split]. The dK tile is held in its two parts DK1 + DK2.
     """
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    split = tl.program_id(2) // NUM_TILES
-    acc_tile = tl.program_id(2) % NUM_TILES
+    per_tile = num_bh * SPLITS * NUM_TILES
+    rank = tl.program_id(0) // per_tile
+    rest = tl.program_id(0) % per_tile
+    pid_bh = rest // (SPLITS * NUM_TILES)
+    split = rest // NUM_TILES % SPLITS
+    acc_tile = rest % NUM_TILES
     b = (pid_bh // HK).to(tl.int64)
     hk = pid_bh % HK
     if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, pid_tile)
+        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
     else:
-        tile, bos, length, cbos, n_cmp = pid_tile, 0, seq_len, 0, num_cmp
+        tile, bos, length, cbos, n_cmp = rank, 0, seq_len, 0, num_cmp
 
     i = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # compressed blocks inside the sequence
     i_ok = i < n_cmp
@@ -493,15 +510,16 @@ def attention_forward(
     ksplit, vsplit = cfg.split(dk), cfg.split(dv)
     values = v_cmp if with_output else k_cmp  # never read without output
     out = o if with_output else q
-    grid = (n_tiles, batch * heads, vsplit.tiles if with_output else 1)
-    _fwd_kernel[grid](
+    acc_tiles = vsplit.tiles if with_output else 1
+    _fwd_kernel[(n_tiles * batch * heads * acc_tiles,)](
         q, k_cmp, values, out, lse, tiles, layout.cu_seqlens, layout.cu_cmp,
         *q.stride(), *k_cmp.stride(), *values.stride(), *out.stride(), *lse.stride(),
-        seqlen, k_cmp.shape[1], layout.q_offset, scale * LOG2E_VALUE,
+        seqlen, k_cmp.shape[1], layout.q_offset, scale * LOG2E_VALUE, n_tiles, batch * heads,
         HQ=heads, GROUP=heads // kv_heads, CMP_BLOCK=block_size, CMP_STRIDE=stride,
         DK=dk, DV=dv, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
         BLOCK_DK=ksplit.block, NUM_DK=ksplit.chunks, DK1=ksplit.parts[0], DK2=ksplit.parts[1],
-        TILE_DV=vsplit.tile, PACKED=layout.packed, WITH_OUTPUT=with_output,
+        TILE_DV=vsplit.tile, NUM_TILES=acc_tiles, PACKED=layout.packed,
+        WITH_OUTPUT=with_output,
         PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -566,12 +584,13 @@ def attention_backward(
     )
     q_tiles, n_q_tiles = layout.tiles(cfg.block_t, q.device)
     if n_q_tiles:
-        _dq_kernel[(n_q_tiles, batch * heads, ksplit.tiles)](
+        _dq_kernel[(n_q_tiles * batch * heads * ksplit.tiles,)](
             q, k_cmp, v_cmp, do, lse, delta, dq, q_tiles, layout.cu_seqlens, layout.cu_cmp,
             *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride(), *lse.stride(),
             *dq.stride(), seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE,
+            n_q_tiles, batch * heads,
             HQ=heads, GROUP=heads // kv_heads, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-            **common,
+            NUM_TILES=ksplit.tiles, **common,
         )
 
     k_tiles, n_k_tiles = layout.tiles(cfg.dkv_block_n, q.device, compressed=True)
@@ -583,12 +602,12 @@ def attention_backward(
     part_dtype = torch.float32 if splits > 1 else k_cmp.dtype
     dk_parts = torch.empty(splits, batch, num_cmp, kv_heads, dk, dtype=part_dtype, device=q.device)
     dv_parts = torch.empty(splits, batch, num_cmp, kv_heads, dv, dtype=part_dtype, device=q.device)
-    _dkv_kernel[(n_k_tiles, batch * kv_heads, splits * acc_tiles)](
+    _dkv_kernel[(n_k_tiles * batch * kv_heads * splits * acc_tiles,)](
         q, k_cmp, v_cmp, do, lse, delta, dk_parts, dv_parts,
         k_tiles, layout.cu_seqlens, layout.cu_cmp,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *do.stride(), *lse.stride(),
         *dk_parts.stride(), *dv_parts.stride(),
-        seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE,
+        seqlen, num_cmp, layout.q_offset, scale, scale * LOG2E_VALUE, batch * kv_heads,
         HK=kv_heads, GROUP=heads // kv_heads, BLOCK_T=cfg.dkv_block_t, BLOCK_N=cfg.dkv_block_n,
         TILE_DV=vsplit.tile, NUM_TILES=acc_tiles, SPLITS=splits, **common,
     )
