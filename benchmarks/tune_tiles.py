@@ -29,8 +29,9 @@ HEADS, L, S, LP, N, QB, HI = 16, 32, 16, 64, 16, 4, 2
 
 def candidates_compressed(default: cmp_op.TileConfig) -> list[cmp_op.TileConfig]:
     """The default, the default with the dK/dV query ranges split 1 to 8 ways
-    (`dkv_splits`), then a sample of the grid: 64-query tiles for the forward and dQ (32
-    measured twice as slow), the rest varied; the backward is most of the time."""
+    (`dkv_splits`) and with its whole query tiles masked (`dkv_whole_steps`), then a sample
+    of the grid: 64-query tiles for the forward and dQ (32 measured twice as slow), the rest
+    varied; the backward is most of the time."""
     grid = itertools.product((64,), (32, 64), (32, 64, 128), (32, 64, 128), (4, 8), (2, 3))
     rest = [default]
     for block_t, block_n, dkv_n, dkv_t, warps, stages in grid:
@@ -39,7 +40,8 @@ def candidates_compressed(default: cmp_op.TileConfig) -> list[cmp_op.TileConfig]
         if cfg != default:
             rest.append(cfg)
     splits = [replace(default, dkv_splits=n) for n in (1, 2, 4, 8)]
-    return [default, *splits, *shuffled(rest)[1:]]
+    masked = replace(default, dkv_whole_steps=not default.dkv_whole_steps)
+    return [default, *splits, masked, *shuffled(rest)[1:]]
 
 
 def shuffled(configs: list) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -131,6 +132,25 @@ def test_packed_sequences(block, tiles):
     cu_seqlens = torch.tensor([0, 1, 4, 40, 61], dtype=torch.int32)
     q, k, v = make_inputs(1, 61, (4, 2), (24, 16), block, cu_seqlens, seed=4)
     assert_matches_reference(q, k, v, block, cu_seqlens=cu_seqlens, tiles=tiles)
+
+
+# dK/dV in steps of 16 queries over key tiles of 16 blocks: at (l, s) = (8, 4) the first key
+# tile's last block is seen from query 67 on, so key tiles run masked steps on the causal
+# edge, unmasked whole steps after it, and a masked partial step at the end (200 = 12 x 16 + 8).
+EDGE_TILES = triton_op.TileConfig(
+    block_t=16, block_n=16, dkv_block_n=16, dkv_block_t=16, num_stages=1, dkv_splits=1
+)
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 90, 200]], ids=["one", "packed"])
+@pytest.mark.parametrize("splits,whole_steps", [(1, True), (2, True), (2, False)])
+def test_dkv_steps_with_and_without_masks(cu_seqlens, splits, whole_steps):
+    """The dK/dV pass's steps (causal edge, whole tiles, partial last tile) together, over
+    one or two documents and split query ranges; and all of them masked."""
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    q, k, v = make_inputs(1, 200, (4, 2), (24, 16), (8, 4), cu, seed=7)
+    tiles = replace(EDGE_TILES, dkv_splits=splits, dkv_whole_steps=whole_steps)
+    assert_matches_reference(q, k, v, (8, 4), cu_seqlens=cu, tiles=tiles)
 
 
 @pytest.mark.parametrize("dims", [(24, 16), (128, 64), (192, 128)])
