@@ -134,6 +134,25 @@ def test_packed_sequences(block, tiles):
     assert_matches_reference(q, k, v, block, cu_seqlens=cu_seqlens, tiles=tiles)
 
 
+def test_packed_tile_tables_put_the_longest_tiles_first():
+    """Each (document, tile) once; query tiles by descending end position (their visible
+    blocks), compressed-key tiles by descending count of compressed tokens from their start
+    (the queries that see them)."""
+    cu_seqlens = torch.tensor([0, 5, 70, 100, 260], dtype=torch.int32)
+    layout = triton_op.SeqLayout.build(260, 8, 4, cu_seqlens)
+    for block, compressed in [(16, False), (4, True)]:
+        table, count = layout.tiles(block, torch.device("cpu"), compressed)
+        lengths = layout.cmp_lengths if compressed else layout.lengths
+        rows = [tuple(row) for row in table.tolist()]
+        expected = {(d, i) for d, n in enumerate(lengths) for i in range(-(-n // block))}
+        assert count == len(rows) == len(expected) and set(rows) == expected
+        if compressed:
+            work = [lengths[d] - i * block for d, i in rows]
+        else:
+            work = [min((i + 1) * block, lengths[d]) for d, i in rows]
+        assert work == sorted(work, reverse=True), rows
+
+
 # dK/dV in steps of 16 queries over key tiles of 16 blocks: at (l, s) = (8, 4) the first key
 # tile's last block is seen from query 67 on, so key tiles run masked steps on the causal
 # edge, unmasked whole steps after it, and a masked partial step at the end (200 = 12 x 16 + 8).
