@@ -101,6 +101,23 @@ def test_compressed_attention(offset, count, monkeypatch):
     check_op(run, q, [], offset, count, compressed=[k_cmp, v_cmp])
 
 
+@pytest.mark.parametrize("offset,count,splits", [(70, 130, 1), (37, 120, 2), (101, 99, 1)])
+def test_compressed_attention_unmasked_steps(offset, count, splits, monkeypatch):
+    """Longer spans with 16-block steps: the forward, dQ and dK/dV loops run unmasked steps
+    whose bounds depend on the offset, between masked ones."""
+    tiles = cmp_triton.TileConfig(
+        block_t=16, block_n=16, dkv_block_n=16, dkv_block_t=16, num_stages=1, dkv_splits=splits
+    )
+    monkeypatch.setattr(cmp_triton, "default_tiles", lambda *args: tiles)
+    blocks = num_compressed_blocks(offset + count, L, S)
+    q, k_cmp, v_cmp = tensors((1, offset + count, 4, 16), (1, blocks, 2, 16), (1, blocks, 2, 8))
+
+    def run(q_, _, cmp, q_offset, backend):
+        return compressed_attention(q_, *cmp, L, S, q_offset=q_offset, backend=backend)
+
+    check_op(run, q, [], offset, count, compressed=[k_cmp, v_cmp])
+
+
 @pytest.mark.parametrize(
     "offset,count,query_block",
     [(o, c, qb) for o, c in SPANS for qb in (1, 2) if o % qb == 0],  # whole query blocks
