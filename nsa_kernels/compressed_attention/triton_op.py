@@ -172,13 +172,13 @@ def _num_visible(t, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _query_tile_program(num_tiles, num_bh, NUM_TILES: tl.constexpr):
-    """(rank, batch x head, accumulator tile) of a query-tile program. One axis, rank slowest:
-    programs launch in that order, and rank 0 is the tile with the most visible blocks (the
-    last of the sequence), so the long programs start first instead of ending the pass."""
-    per_tile = num_bh * NUM_TILES
-    rest = tl.program_id(0) % per_tile
-    return tl.program_id(0) // per_tile, rest // NUM_TILES, rest % NUM_TILES
+def _ranked_program(num_bh, PER_BH: tl.constexpr):
+    """(tile rank, batch x head, index among the head's PER_BH programs) of this program.
+    One grid axis, rank slowest: programs launch in that order, and each pass ranks its tiles
+    by work (rank 0 the longest), so the long programs start first instead of ending it."""
+    per_rank = num_bh * PER_BH
+    rest = tl.program_id(0) % per_rank
+    return tl.program_id(0) // per_rank, rest // PER_BH, rest % PER_BH
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def _fwd_kernel(
 ):
     """One query tile of one head (x one DV tile): o and lse, or lse alone. A whole DK is
     held in its two parts DK1 + DK2 (`split_key_dim`)."""
-    rank, pid_bh, pid_dv = _query_tile_program(num_tiles, num_bh, NUM_TILES)
+    rank, pid_bh, pid_dv = _ranked_program(num_bh, NUM_TILES)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     if PACKED:
@@ -262,14 +262,12 @@ def _fwd_kernel(
     n_vis = tl.minimum(_num_visible(last, CMP_BLOCK, CMP_STRIDE), n_cmp)
 
     cols_v = pid_dv * TILE_DV + tl.arange(0, TILE_DV)
+    q1, q2 = t, t  # placeholders: chunked dims read Q in the steps
     if NUM_DK == 1:
         q1, q2 = load_parts(q_base, q_rows, t_ok, 0, DK, stride_qd, DK1, DK2)  # [BT, DK1|DK2]
-
     # Steps of blocks that the tile's first query already sees need no mask.
     n_first = tl.minimum(_num_visible(q_offset + tile * BLOCK_T, CMP_BLOCK, CMP_STRIDE), n_cmp)
     whole_end = n_first // BLOCK_N * BLOCK_N
-    if NUM_DK != 1:
-        q1, q2 = t, t  # placeholders: chunked dims read Q in the steps
 
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -387,7 +385,7 @@ def _dq_kernel(
 ):
     """dQ of one query tile of one head (x one DK tile, in parts DK1 + DK2); the `o` strides
     are dO's."""
-    rank, pid_bh, pid_dk = _query_tile_program(num_tiles, num_bh, NUM_TILES)
+    rank, pid_bh, pid_dk = _ranked_program(num_bh, NUM_TILES)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     if PACKED:
@@ -535,12 +533,9 @@ def _dkv_kernel(
     they enumerate (batch x KV head, split, accumulator tile). Results go to dk[split],
     dv[split]. The dK tile is held in its two parts DK1 + DK2.
     """
-    per_tile = num_bh * SPLITS * NUM_TILES
-    rank = tl.program_id(0) // per_tile
-    rest = tl.program_id(0) % per_tile
-    pid_bh = rest // (SPLITS * NUM_TILES)
-    split = rest // NUM_TILES % SPLITS
-    acc_tile = rest % NUM_TILES
+    rank, pid_bh, inner = _ranked_program(num_bh, SPLITS * NUM_TILES)
+    split = inner // NUM_TILES
+    acc_tile = inner % NUM_TILES
     b = (pid_bh // HK).to(tl.int64)
     hk = pid_bh % HK
     if PACKED:
