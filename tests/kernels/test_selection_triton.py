@@ -26,7 +26,9 @@ from nsa_kernels.utils import softmax_scale
 LENGTHS = [1, 7, 40, 77]
 BLOCKS = [(4, 4), (8, 4), (4, 2)]  # (l, s)
 SELECT_BLOCKS = [8, 16]  # l'
-HEADS = [(4, 1, 1), (4, 4, 2), (2, 2, 1), (4, 1, 2), (4, 4, None)]  # (HQ, HK, HI)
+# (HQ, HK, HI): selection groups inside one KV head's group (4, 1, 1), (4, 1, 2); spanning
+# several KV heads (4, 4, 2), (2, 2, 1), (8, 2, 1); one head each (4, 4, None).
+HEADS = [(4, 1, 1), (4, 4, 2), (2, 2, 1), (4, 1, 2), (4, 4, None), (8, 2, 1)]
 QUERY_BLOCKS = [1, 2, 4]
 TOP_N = [3, 4, 6, 8]  # 8 > blocks in most sequences: -1 padding
 
@@ -55,8 +57,8 @@ def make_inputs(
 
 CASES = [
     pytest.param(
-        seqlen, block, select, HEADS[i % 5], QUERY_BLOCKS[i % 3], TOP_N[i % 4],
-        id=f"T{seqlen}-l{block[0]}s{block[1]}-sel{select}-h{HEADS[i % 5]}"
+        seqlen, block, select, HEADS[i % len(HEADS)], QUERY_BLOCKS[i % 3], TOP_N[i % 4],
+        id=f"T{seqlen}-l{block[0]}s{block[1]}-sel{select}-h{HEADS[i % len(HEADS)]}"
         f"-q{QUERY_BLOCKS[i % 3]}-n{TOP_N[i % 4]}",
     )
     for i, (seqlen, block, select) in enumerate(
@@ -74,6 +76,19 @@ def test_matches_reference(seqlen, block, select, heads, query_block, top_n):
     got = select_blocks(*args, **kwargs, backend="triton")
     expected = select_blocks(*args, **kwargs, backend="reference")
     assert got.dtype == torch.int32
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_head_groupings_with_a_real_choice(heads):
+    """Every grouping of HEADS where n = 4 of 19 blocks leaves a choice to get wrong (at
+    CASES' lengths and n, many rows keep every block they may see): each head must read its
+    own KV head and add into its own group."""
+    hq, hk, hi = heads
+    q, k = make_inputs(1, 150, hq, hk, 16, (8, 4), seed=16)
+    kwargs = dict(num_selection_heads=hi, selection_query_block=2)
+    got = select_blocks(q, k, 8, 4, 8, 4, **kwargs, backend="triton")
+    expected = select_blocks(q, k, 8, 4, 8, 4, **kwargs, backend="reference")
     assert torch.equal(got, expected)
 
 
