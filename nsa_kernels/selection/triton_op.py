@@ -17,6 +17,10 @@ as in the reference. The running set is kept sorted descending and the candidate
 ascending; their element-wise maximum holds the W largest keys of both as a bitonic sequence,
 which the last stage of a bitonic network sorts again. The network is written with
 reshape/split/join (no tl.sort), which also keeps Triton's CPU interpreter fast.
+
+A tile's work grows with its position, so programs launch on one grid axis, the last tiles
+(packed: the longest ones) first; at 64k on an H200 (16 heads, 2 selection heads, DK = 96)
+that alone took the kernel from 1.21 to 0.80 ms.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..compressed_attention.triton_op import (
     LOG2E_VALUE,
     SeqLayout,
     _doc_bounds,
+    _ranked_program,
     compressed_lse,
 )
 from ..tiles import dot_parts, dot_precision, dot_rows, head_split, load_parts
@@ -117,7 +122,7 @@ def _select_kernel(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_lb, stride_lt, stride_lh,
     stride_ob, stride_ot, stride_oh, stride_on,
-    seq_len, num_cmp, q_offset, scale_log2,
+    seq_len, num_cmp, num_tiles, num_bg, q_offset, scale_log2,
     HI: tl.constexpr, GROUP_KV: tl.constexpr, GROUP_SEL: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
     STRIDES: tl.constexpr, TOP_N: tl.constexpr,
@@ -132,14 +137,13 @@ def _select_kernel(
     STRIDES = l' / s: compressed blocks that start inside one selection block. Rows index
     queries inside the sequence; rules see them at positions q_offset + row (unpacked only).
     """
-    pid_tile = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    rank, pid_bg, _ = _ranked_program(num_bg, 1)
     b = (pid_bg // HI).to(tl.int64)
     group = pid_bg % HI
     if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, pid_tile)
-    else:
-        tile, bos, length, cbos, n_cmp = pid_tile, 0, seq_len, 0, num_cmp
+        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
+    else:  # the last tiles, with the most selection blocks to score, first
+        tile, bos, length, cbos, n_cmp = num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
 
     # Rows: the first query of each of the BLOCK_M query blocks.
     first_t = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) * QUERY_BLOCK  # [BM] positions
@@ -254,10 +258,10 @@ def select_blocks(
     if n_tiles == 0:
         return out
     ksplit = head_split(dk, cfg.head_tile, cfg.head_chunk)
-    _select_kernel[(n_tiles, batch * groups)](
+    _select_kernel[(n_tiles * batch * groups,)](
         q, k_cmp, lse, out, tiles, layout.cu_seqlens, layout.cu_cmp,
         *q.stride(), *k_cmp.stride(), *lse.stride(), *out.stride(),
-        seqlen, k_cmp.shape[1], q_offset, scale * LOG2E_VALUE,
+        seqlen, k_cmp.shape[1], n_tiles, batch * groups, q_offset, scale * LOG2E_VALUE,
         HI=groups, GROUP_KV=heads // kv_heads, GROUP_SEL=heads // groups,
         CMP_BLOCK=block_size, CMP_STRIDE=stride, SEL_BLOCK=select_block_size,
         STRIDES=select_block_size // stride, TOP_N=top_n,
