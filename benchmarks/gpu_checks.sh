@@ -3,9 +3,11 @@
 # wheels (.whl/: megatron-core, flash-linear-attention, fla-core, einops), maps the two
 # import packages onto this checkout, then runs the `gpu` tests and the benchmarks.
 #
-#   bash benchmarks/gpu_checks.sh [tests|bench|model|all|train|none]  (results: $OUT or ./gpu_out)
+#   bash benchmarks/gpu_checks.sh [tests|bench|model|all|train|cp|none]  (results: $OUT or ./gpu_out)
 #
-# train: the 64k training comparison (~6 minutes); none: the setup alone.
+# train: the 64k training comparison (~6 minutes); cp: the ~350M preset at 64k and 128k on one
+# GPU and, with two GPUs, at 128k with CP = 2, as tokens/s per GPU against the one-GPU 64k
+# rate (~5 minutes); none: the setup alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
@@ -74,6 +76,36 @@ for recompute in ("full", "mlp"):
     asa, dense = rate.get(f"train_64k_LG_{recompute}"), rate.get(f"train_64k_D_{recompute}")
     if asa and dense:
         print(f"recompute {recompute}: ASA / dense = {asa / dense:.2f}x")
+PY
+fi
+if [ "$what" = cp ]; then
+  # One GPU at 64k and 128k, then CP = 2 at 128k when there are two GPUs. A CP = 2 rank does
+  # half of the one-GPU 128k step's work, so the one-GPU 128k rate bounds its rate per GPU.
+  data="${ASA_DATA:-.gpudata/stdlib32k}"
+  flags="--preset 350m --data $data --recompute selective --recompute-modules mlp"
+  flags="$flags --train-iters 8 --lr-warmup-iters 10 --log-interval 4"
+  for seq in 65536 131072; do
+    python3 examples/pretrain_asa.py $flags --seq-length $seq \
+      --log-file "$out/cp_${seq}_gpus1.jsonl" 2>&1 | grep "^step" || status=1
+  done
+  if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    python3 -m torch.distributed.run --nproc-per-node 2 examples/pretrain_asa.py $flags \
+      --seq-length 131072 --context-parallel-size 2 \
+      --log-file "$out/cp_131072_gpus2.jsonl" 2>&1 | grep "^step" || status=1
+  fi
+  python3 - "$out" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+per_gpu = {}
+for log in sorted(Path(sys.argv[1]).glob("cp_*_gpus*.jsonl")):
+    rows = [json.loads(line) for line in log.open()]
+    gpus = int(log.stem.rsplit("gpus", 1)[1])
+    per_gpu[log.stem] = statistics.median(
+        r["tokens_per_s"] for r in rows if 3 <= r["step"] <= 6) / gpus
+base = per_gpu.get("cp_65536_gpus1")
+for name, rate in per_gpu.items():
+    share = f", {rate / base:.1%} of one GPU at 64k" if base else ""
+    print(f"{name}: {rate:,.0f} tokens/s per GPU (median of steps 3-6){share}")
 PY
 fi
 exit $status
