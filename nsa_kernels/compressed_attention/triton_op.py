@@ -166,6 +166,16 @@ def _doc_bounds(tiles, cu_seqlens, cu_cmp, pid):
 
 
 @triton.jit
+def _ranked_query_tile(rank, tiles, cu_seqlens, cu_cmp, num_tiles, seq_len, num_cmp,
+                       PACKED: tl.constexpr):
+    """`_doc_bounds` of the query tile of this rank: the tile with the most visible blocks
+    first (packed tables are sorted so; unpacked, the last tile of the row)."""
+    if PACKED:
+        return _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
+    return num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
+
+
+@triton.jit
 def _num_visible(t, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
     """Compressed blocks visible to query t (i*s + l - 1 <= t)."""
     return tl.where(t >= CMP_BLOCK - 1, (t - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
@@ -247,10 +257,9 @@ def _fwd_kernel(
     rank, pid_bh, pid_dv = _ranked_program(num_bh, NUM_TILES)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
-    if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
-    else:
-        tile, bos, length, cbos, n_cmp = num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
+    tile, bos, length, cbos, n_cmp = _ranked_query_tile(
+        rank, tiles, cu_seqlens, cu_cmp, num_tiles, seq_len, num_cmp, PACKED
+    )
 
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # positions inside the sequence
     t_ok = t < length
@@ -388,10 +397,9 @@ def _dq_kernel(
     rank, pid_bh, pid_dk = _ranked_program(num_bh, NUM_TILES)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
-    if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
-    else:
-        tile, bos, length, cbos, n_cmp = num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
+    tile, bos, length, cbos, n_cmp = _ranked_query_tile(
+        rank, tiles, cu_seqlens, cu_cmp, num_tiles, seq_len, num_cmp, PACKED
+    )
 
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < length

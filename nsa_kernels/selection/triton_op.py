@@ -35,8 +35,8 @@ from ..compressed_attention.triton_op import (
     LOG2E,
     LOG2E_VALUE,
     SeqLayout,
-    _doc_bounds,
     _ranked_program,
+    _ranked_query_tile,
     compressed_lse,
 )
 from ..tiles import dot_parts, dot_precision, dot_rows, head_split, load_parts
@@ -140,10 +140,10 @@ def _select_kernel(
     rank, pid_bg, _ = _ranked_program(num_bg, 1)
     b = (pid_bg // HI).to(tl.int64)
     group = pid_bg % HI
-    if PACKED:
-        tile, bos, length, cbos, n_cmp = _doc_bounds(tiles, cu_seqlens, cu_cmp, rank)
-    else:  # the last tiles, with the most selection blocks to score, first
-        tile, bos, length, cbos, n_cmp = num_tiles - 1 - rank, 0, seq_len, 0, num_cmp
+    # The last tiles, with the most selection blocks to score, first.
+    tile, bos, length, cbos, n_cmp = _ranked_query_tile(
+        rank, tiles, cu_seqlens, cu_cmp, num_tiles, seq_len, num_cmp, PACKED
+    )
 
     # Rows: the first query of each of the BLOCK_M query blocks.
     first_t = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) * QUERY_BLOCK  # [BM] positions
