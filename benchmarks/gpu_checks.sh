@@ -7,7 +7,8 @@
 #
 # train: the 64k training comparison (~6 minutes); cp: the ~350M preset at 64k and 128k on one
 # GPU and, with two GPUs, at 128k with CP = 2, as tokens/s per GPU against the one-GPU 64k
-# rate (~5 minutes); none: the setup alone.
+# rate (~5 minutes; the one-GPU 128k run peaks at ~104 GiB, so it needs an H200-class GPU);
+# none: the setup alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
